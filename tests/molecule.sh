@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs Molecule scenarios on systemd containers. Starts Docker when none answers and stops that
+# Docker again (by its pid, see .ci/dockerd.sh) on exit, also on failure. Builds the test image
+# and the test fixtures first (both are cached and rebuilt only when missing).
+# Usage: tests/molecule.sh [--all | -s SCENARIO] [molecule test options]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+started_docker=0
+cleanup() {
+  local rc=$?
+  if ((started_docker)); then
+    # Containers of an aborted run go first, then the daemon.
+    molecule destroy --all >/dev/null 2>&1 || true
+    .ci/dockerd.sh stop || true
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+
+if ! .ci/dockerd.sh status >/dev/null 2>&1; then
+  .ci/dockerd.sh start
+  started_docker=1
+fi
+eval "$(.ci/dockerd.sh env)"
+
+bash tests/image/build-image.sh
+bash tests/fixtures/build.sh
+
+args=("$@")
+((${#args[@]})) || args=(--all)
+time molecule test "${args[@]}"
