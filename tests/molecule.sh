@@ -23,6 +23,10 @@ if ! .ci/dockerd.sh status >/dev/null 2>&1; then
   started_docker=1
 fi
 eval "$(.ci/dockerd.sh env)"
+# Plain logs when nobody watches a terminal (CI): no colour codes, no box drawing.
+if [[ ! -t 1 ]]; then
+  export NO_COLOR=1 PY_COLORS=0 ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1
+fi
 
 bash tests/image/build-image.sh
 bash tests/fixtures/build.sh
