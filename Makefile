@@ -26,12 +26,13 @@ deploy: venv
 
 test: lint syntax molecule
 
-lint: venv
+lint: venv host-deps
 	$(BIN)/yamllint --strict .
 	$(BIN)/ansible-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	shellcheck --severity=warning .ci/run .ci/*.sh tests/*.sh tests/*/*.sh
+	$(BIN)/python tests/check_argument_specs.py
 
 syntax: venv
 	$(BIN)/ansible-playbook --syntax-check -i $(INVENTORY) site.yml playbooks/*.yml

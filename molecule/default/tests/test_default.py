@@ -117,6 +117,9 @@ def test_chat_completion_returns_generated_text(host) -> None:
             {"role": "user", "content": "Tell me something about large language models."},
         ],
         "max_tokens": 16,
+        # random weights may pick end-of-sequence first: generate at least a few tokens regardless
+        "min_tokens": 4,
+        "ignore_eos": True,
         "temperature": 0.7,
         "top_p": 0.8,
         "repetition_penalty": 1.05,
@@ -133,6 +136,8 @@ def test_streaming_chat_completion_sends_chunks_and_done(host) -> None:
         "model": SERVED_NAME,
         "messages": [{"role": "user", "content": "Count to five."}],
         "max_tokens": 12,
+        "min_tokens": 4,
+        "ignore_eos": True,
         "stream": True,
     }
     events = [line for line in _post(host, "/v1/chat/completions", body).splitlines() if line]
