@@ -31,7 +31,7 @@ lint: venv host-deps
 	$(BIN)/ansible-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	shellcheck --severity=warning .ci/run .ci/*.sh tests/*.sh tests/*/*.sh
+	shellcheck --severity=warning .ci/run .ci/*.sh tests/*.sh tests/*/*.sh tests/*/*/*.sh
 	$(BIN)/python tests/check_argument_specs.py
 
 syntax: venv
