@@ -10,7 +10,7 @@ INVENTORY ?= inventory
 SCENARIO ?= --all
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: deploy test venv lint syntax molecule host-deps clean
+.PHONY: deploy test venv lint unit syntax molecule host-deps clean
 
 $(BIN)/.installed: requirements-dev.txt requirements.yml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ venv: $(BIN)/.installed
 deploy: venv
 	$(BIN)/ansible-playbook site.yml -i $(INVENTORY)
 
-test: lint syntax molecule
+test: lint unit syntax molecule
 
 lint: venv host-deps
 	$(BIN)/yamllint --strict .
@@ -33,6 +33,10 @@ lint: venv host-deps
 	$(BIN)/ruff format --check .
 	shellcheck --severity=warning .ci/run .ci/*.sh tests/*.sh tests/*/*.sh tests/*/*/*.sh
 	$(BIN)/python tests/check_argument_specs.py
+
+# Fast tests of the project's own Python (tuning rules, ...), no hosts needed.
+unit: venv
+	$(BIN)/pytest -q tests/unit
 
 syntax: venv
 	$(BIN)/ansible-playbook --syntax-check -i $(INVENTORY) site.yml playbooks/*.yml

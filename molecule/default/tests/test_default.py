@@ -7,30 +7,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 
 import pytest
 import testinfra.utils.ansible_runner
+from helpers import api, api_key
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
 ).get_hosts("vllm_servers")
 
 SERVED_NAME = "Qwen/Qwen2.5-1.5B-Instruct"
-API = "http://127.0.0.1:8000"
 MODEL_DIR = "/opt/vllm/models/Qwen2.5-1.5B-Instruct/current"
 LFS_POINTER_PREFIX = "version https://git-lfs.github.com/spec/v1"
 
 
-def _post(host, path: str, body: dict) -> str:
-    """POST a JSON body to the server on the host's loopback and return the response text."""
+# systemd-analyze security's exposure score of vllm.service as recorded in the vllm_service README
+# (0 = locked down, 10 = fully exposed): a change to the unit must not make it worse.
+RECORDED_EXPOSURE = 1.6
+
+
+def _curl(host, path: str, *args: str, key: str | None = None) -> tuple[int, str]:
+    """curl the server with the right key (or `key`); return the HTTP status and the body.
+    `args` are extra curl arguments, already shell-quoted."""
+    auth = shlex.quote(f"Authorization: Bearer {api_key(host) if key is None else key}")
     cmd = host.run(
-        "curl --silent --show-error --fail --max-time 300"
-        " -H 'Content-Type: application/json' -d %s %s",
-        json.dumps(body),
-        API + path,
+        f"curl --silent --show-error --max-time 300 --write-out '\\n%{{http_code}}'"
+        f" -H {auth} {' '.join(args)} {shlex.quote(api(host) + path)}"
     )
     assert cmd.rc == 0, cmd.stderr
-    return cmd.stdout
+    body, _, status = cmd.stdout.rpartition("\n")
+    return int(status), body
+
+
+def _post(host, path: str, body: dict) -> str:
+    """POST a JSON body to the server with the API key and return the response text."""
+    status, text = _curl(
+        host, path, "-H 'Content-Type: application/json'", "-d " + shlex.quote(json.dumps(body))
+    )
+    assert status == 200, text
+    return text
 
 
 @pytest.mark.parametrize("compiler", ["gcc", "g++", "cc", "c++"])
@@ -96,17 +113,48 @@ def test_unit_file_passes_systemd_analyze_verify(host) -> None:
     assert cmd.stdout.strip() == "" and cmd.stderr.strip() == "", cmd.stderr
 
 
-def test_port_8000_listens(host) -> None:
-    assert host.socket("tcp://0.0.0.0:8000").is_listening
+def test_port_8000_listens_on_the_address_the_gateway_reaches_not_everywhere(host) -> None:
+    address = api(host).split("//")[1].rsplit(":", 1)[0]
+    # a gateway fronts the servers in this scenario: the host's own address, not 0.0.0.0
+    assert (
+        address
+        == host.ansible("setup", "filter=ansible_default_ipv4")["ansible_facts"][
+            "ansible_default_ipv4"
+        ]["address"]
+    )
+    assert host.socket(f"tcp://{address}:8000").is_listening
+    assert not host.socket("tcp://0.0.0.0:8000").is_listening
 
 
-def test_health_answers(host) -> None:
-    assert host.run("curl --silent --fail %s/health", API).rc == 0
+def test_health_answers_without_a_key(host) -> None:
+    assert host.run("curl --silent --fail %s/health", api(host)).rc == 0
 
 
-def test_models_lists_the_served_name(host) -> None:
-    models = json.loads(host.check_output("curl --silent --fail %s/v1/models", API))
-    assert SERVED_NAME in [m["id"] for m in models["data"]]
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/chat/completions", "/v1/completions"])
+def test_v1_answers_401_without_the_api_key(host, path: str) -> None:
+    assert (
+        host.check_output(
+            "curl --silent --output /dev/null --write-out '%%{http_code}' %s", api(host) + path
+        )
+        == "401"
+    )
+    status, _ = _curl(host, path, key="wrong-key")
+    assert status == 401
+
+
+def test_models_answers_200_with_the_api_key_and_lists_the_served_name(host) -> None:
+    status, body = _curl(host, "/v1/models")
+    assert status == 200
+    assert SERVED_NAME in [m["id"] for m in json.loads(body)["data"]]
+
+
+def test_api_key_never_reaches_the_command_line_the_unit_or_the_journal(host) -> None:
+    key = api_key(host)
+    assert len(key) >= 16
+    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    assert key not in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+    assert key not in host.file("/etc/systemd/system/vllm.service").content_string
+    assert host.run("journalctl --no-pager | grep -qF -- %s", key).rc != 0
 
 
 def test_chat_completion_returns_generated_text(host) -> None:
@@ -160,3 +208,84 @@ def test_model_folder_holds_real_weights_not_lfs_pointers(host) -> None:
         assert not head.startswith(LFS_POINTER_PREFIX), path
     assert host.file(MODEL_DIR + "/.vllm-model-verified").exists
     assert not host.file(MODEL_DIR + "/.git/lfs/objects").exists
+
+
+def _env(host) -> dict[str, str]:
+    """The service's environment file as a dict."""
+    lines = host.check_output("grep -v '^#' /etc/vllm/vllm.env").splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def test_tuning_is_computed_from_the_host(host) -> None:
+    env = _env(host)
+    flags = host.check_output("grep -m1 ^flags /proc/cpuinfo").split()
+    cores = int(host.check_output("lscpu --parse=CORE | grep -v '^#' | sort -u | wc -l"))
+    # one OpenMP thread per physical core, the first core left to the API front end
+    expected_bind = "0" if cores == 1 else (f"1-{cores - 1}" if cores > 2 else "1")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == expected_bind
+    unit = host.file("/etc/systemd/system/vllm.service").content_string
+    expected_dtype = "bfloat16" if "avx512f" in flags else "float32"
+    assert f"--dtype {expected_dtype}" in unit
+    # this scenario pins the KV cache and context (two servers share a small test machine)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "--max-num-seqs 16" in unit
+
+
+def test_tcmalloc_and_intel_openmp_are_preloaded(host) -> None:
+    preload = _env(host)["LD_PRELOAD"].split(":")
+    assert any(p.endswith("libtcmalloc_minimal.so.4") for p in preload)
+    assert any(p.endswith("/lib/libiomp5.so") for p in preload)
+    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    maps = host.check_output("cat /proc/%s/maps", pid)
+    assert "libtcmalloc_minimal.so.4" in maps and "libiomp5.so" in maps
+
+
+@pytest.mark.parametrize(
+    ("prop", "value"),
+    [
+        ("User", "vllm"),
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("PrivateDevices", "yes"),
+        ("ProtectKernelTunables", "yes"),
+        ("ProtectControlGroups", "yes"),
+        ("RestrictSUIDSGID", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("Restart", "on-failure"),
+        # deliberately off: oneDNN's JIT writes executable code
+        ("MemoryDenyWriteExecute", "no"),
+    ],
+)
+def test_unit_sandboxing(host, prop: str, value: str) -> None:
+    assert host.check_output("systemctl show --property %s --value vllm", prop) == value
+
+
+def test_unit_allows_thread_binding_and_caps_memory(host) -> None:
+    filtered = host.check_output("systemctl show --property SystemCallFilter --value vllm")
+    assert "sched_setaffinity" in filtered.split()  # an allow-list: binding must stay allowed
+    memory_max = int(host.check_output("systemctl show --property MemoryMax --value vllm"))
+    total = int(host.check_output("grep MemTotal /proc/meminfo").split()[1]) * 1024
+    assert 0 < memory_max < total
+
+
+def test_security_exposure_is_no_worse_than_recorded(host) -> None:
+    out = host.check_output("systemd-analyze security --no-pager vllm.service 2>&1 | tail -1")
+    score = float(re.search(r"exposure level for vllm.service: ([0-9.]+)", out).group(1))
+    assert score <= RECORDED_EXPOSURE, out
+
+
+def test_service_user_owns_only_its_state_and_cache(host) -> None:
+    owned = host.check_output(
+        "find / -xdev -user vllm -not -path '/var/lib/vllm*' -not -path '/var/cache/vllm*'"
+        " -not -path '/proc/*' -print"
+    )
+    assert owned == ""
+    for path in ("/var/lib/vllm", "/var/cache/vllm"):
+        assert host.file(path).user == "vllm"
+    # caches and temporary files in its own folders, nothing under /root or a shared /tmp
+    env = _env(host)
+    assert env["TMPDIR"].startswith("/var/lib/vllm")
+    assert env["HOME"] == "/var/lib/vllm"
+    assert all(env[k].startswith("/var/cache/vllm") for k in ("VLLM_CACHE_ROOT", "HF_HOME"))

@@ -12,9 +12,11 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import testinfra.utils.ansible_runner
+from helpers import api, api_key
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -30,17 +32,16 @@ def _serve(**extra_vars: object) -> tuple[int, str]:
     return _stage("serve.yml", **extra_vars)
 
 
-def _stage(playbook: str, **extra_vars: object) -> tuple[int, str]:
-    """Run a stage playbook on HOST with extra variables; return its exit code and its output
-    with white space folded (the YAML callback wraps long messages)."""
+def _stage(playbook: str, limit: str | None = HOST, **extra_vars: object) -> tuple[int, str]:
+    """Run a stage playbook on HOST (or `limit`, None: every host) with extra variables; return
+    its exit code and its output with white space folded (the YAML callback wraps long messages)."""
     env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_NOCOLOR="1")
     run = subprocess.run(
         [
             "ansible-playbook",
             "-i",
             INVENTORY,
-            "--limit",
-            HOST,
+            *(["--limit", limit] if limit else []),
             "-e",
             json.dumps(extra_vars),
             str(PROJECT / "playbooks" / playbook),
@@ -65,20 +66,50 @@ def test_oversized_kv_cache_is_refused_before_anything_changes(host) -> None:
     assert host.service("vllm").is_running
 
 
-def test_a_server_that_does_not_start_fails_with_its_journal(host) -> None:
-    rc, out = _serve(vllm_service_extra_args=["--no-such-option"], vllm_service_start_timeout=60)
+def test_weights_plus_kv_cache_that_do_not_fit_are_refused_with_the_numbers(host) -> None:
+    before = host.file(UNIT).sha256sum
+    total_gib = int(host.check_output("awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo"))
+    # passes the quick settings check (below the host's memory) but not the budget with overhead
+    rc, out = _serve(vllm_service_kvcache_space_gib=total_gib - 1)
     assert rc != 0
-    assert "did not answer" in out
-    assert "Last lines of its journal" in out
+    assert re.search(r"weights [0-9.]+ GiB \+ KV cache [0-9]+ GiB \+ runtime overhead", out), out[
+        -2000:
+    ]
+    assert "does not fit in" in out
+    assert "Write the systemd unit" not in out
+    assert host.file(UNIT).sha256sum == before
+    assert host.service("vllm").is_running
+
+
+def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(host) -> None:
+    hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
+    first = testinfra.get_host(f"ansible://{hosts[0]}?ansible_inventory={INVENTORY}")
+    assert hosts[-1] == HOST != hosts[0]
+    before = host.file(UNIT).sha256sum
+    # batches of one: the first server gets a setting vLLM rejects and never becomes healthy
+    rc, out = _stage(
+        "serve.yml",
+        limit=None,
+        vllm_rollout_batch=1,
+        vllm_service_extra_args=["--no-such-option"],
+        vllm_service_start_timeout=60,
+    )
+    assert rc != 0
+    assert "did not answer" in out and "Last lines of its journal" in out
     # vLLM's own complaint, read from the journal of the unit
     assert "--no-such-option" in out.split("Last lines of its journal", 1)[1]
+    assert "--no-such-option" in first.file(UNIT).content_string
+    # the rollout stopped there: the second batch was never touched and still serves
+    assert host.file(UNIT).sha256sum == before
+    assert host.service("vllm").is_running
+    assert host.run("curl --silent --fail %s/health", api(host)).rc == 0
 
 
 def test_rerunning_with_good_settings_restores_the_server(host) -> None:
-    rc, out = _serve()
+    rc, out = _stage("serve.yml", limit=None)
     assert rc == 0, out[-3000:]
     assert host.service("vllm").is_running
-    assert host.run("curl --silent --fail http://127.0.0.1:8000/health").rc == 0
+    assert host.run("curl --silent --fail %s/health", api(host)).rc == 0
 
 
 def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None:
@@ -120,3 +151,27 @@ def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None
     finally:
         host.run("rm -rf /opt/vllm/models/Broken")
         MIRROR.run(f"rm -rf {SRV}/git/Qwen/Broken {SRV}/lfs/Qwen/Broken")
+
+
+def test_server_is_restarted_after_kill_9(host) -> None:
+    pid = int(host.check_output("systemctl show --property MainPID --value vllm"))
+    assert pid > 0
+    host.check_output("kill -9 %s", str(pid))
+    # Restart=on-failure, after RestartSec: a new process, healthy again
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        new = int(host.check_output("systemctl show --property MainPID --value vllm"))
+        if new not in (0, pid) and host.run("curl --silent --fail %s/health", api(host)).rc == 0:
+            break
+        time.sleep(5)
+    else:
+        raise AssertionError("vllm did not come back after kill -9")
+    assert int(host.check_output("systemctl show --property NRestarts --value vllm")) >= 1
+
+
+def test_smoke_playbook_runs_the_recipes_two_clients_with_timings(host) -> None:
+    rc, out = _stage("smoke.yml", vllm_smoke_max_tokens=8)
+    assert rc == 0, out[-3000:]
+    assert re.search(r"openai client: [0-9]+ tokens in [0-9.]+ s", out), out[-2000:]
+    assert re.search(r"offline LLM.generate: model loaded in [0-9.]+ s", out), out[-2000:]
+    assert api_key(host) not in out

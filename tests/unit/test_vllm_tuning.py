@@ -1,0 +1,135 @@
+"""The serving settings the vllm_service role computes from a host's facts (filter vllm_tuning)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "roles/vllm_service/filter_plugins/vllm_tuning.py"
+_SPEC = importlib.util.spec_from_file_location("vllm_tuning", _PATH)
+assert _SPEC and _SPEC.loader
+tuning = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(tuning)
+
+GIB = 1024**3
+# Qwen2.5-1.5B-Instruct's config.json (the fields the sizing reads).
+QWEN_1_5B = {
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "hidden_size": 1536,
+    "max_position_embeddings": 32768,
+    "torch_dtype": "bfloat16",
+}
+QWEN_WEIGHTS = 3_087_467_008  # model.safetensors of the real model, bytes
+AUTO = {
+    "dtype": "auto",
+    "kvcache_space_gib": "auto",
+    "max_model_len": "auto",
+    "max_num_seqs": "16",
+    "omp_threads_bind": "auto",
+    "reserved_cpus": "1",
+    "tensor_parallel_size": "auto",
+    "memory_max": "auto",
+    "overhead_gib": "2",
+    "system_reserve_gib": "1",
+}
+
+
+def _cpus(nodes: int, cores_per_node: int, threads: int = 1) -> list[dict[str, Any]]:
+    """lscpu --json --extended rows (hyper-thread siblings numbered after all cores)."""
+    total = nodes * cores_per_node
+    return [
+        {
+            "cpu": t * total + c,
+            "core": c,
+            "socket": c // cores_per_node,
+            "node": c // cores_per_node,
+        }
+        for t in range(threads)
+        for c in range(total)
+    ]
+
+
+def test_recipe_vm_16_cores_32_gb_avx512_bf16() -> None:
+    out = tuning.vllm_tuning(
+        AUTO, ["avx2", "avx512f", "avx512_bf16"], _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS
+    )
+    assert out["dtype"] == "bfloat16"
+    assert out["kv_bytes_per_token"] == 2 * 28 * 2 * 128 * 2  # 28 KiB per token
+    assert out["max_model_len"] == 8192
+    # 16 sequences x 8192 tokens x 28 KiB = 3.5 GiB -> 4 GiB
+    assert out["kvcache_space_gib"] == 4
+    assert out["omp_threads_bind"] == "1-15"  # core 0 left to the API front end
+    assert out["tensor_parallel_size"] == 1
+    assert out["memory_max"] == 31 * GIB
+    assert out["problems"] == []
+
+
+def test_avx2_only_cpu_serves_float32_and_sizes_kv_for_it() -> None:
+    out = tuning.vllm_tuning(AUTO, ["avx2", "fma"], _cpus(1, 8), 32768, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["dtype"] == "float32"
+    assert out["kv_bytes_per_token"] == 2 * 28 * 2 * 128 * 4
+    assert out["weights_gib"] == pytest.approx(2 * QWEN_WEIGHTS / GIB, abs=0.01)
+
+
+def test_hyper_threads_are_left_out_and_numa_nodes_become_ranks() -> None:
+    out = tuning.vllm_tuning(
+        AUTO, ["avx512f"], _cpus(2, 8, threads=2), 65536, QWEN_1_5B, QWEN_WEIGHTS
+    )
+    assert out["tensor_parallel_size"] == 2
+    assert out["omp_threads_bind"] == "1-7|9-15"
+
+
+def test_two_core_host_keeps_one_core_for_the_front_end() -> None:
+    out = tuning.vllm_tuning(AUTO, ["avx512f"], _cpus(1, 2), 24000, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["omp_threads_bind"] == "1"
+
+
+def test_single_core_host_reserves_nothing() -> None:
+    out = tuning.vllm_tuning(AUTO, ["avx512f"], _cpus(1, 1), 24000, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["omp_threads_bind"] == "0"
+
+
+def test_small_host_gets_a_shorter_context_instead_of_a_crash() -> None:
+    out = tuning.vllm_tuning(AUTO, ["avx512f"], _cpus(1, 4), 7 * 1024, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["problems"] == []
+    assert out["kvcache_space_gib"] >= 1
+    assert out["max_model_len"] <= out["kv_tokens"]
+
+
+def test_oversized_kv_cache_is_a_problem_with_the_numbers() -> None:
+    settings = dict(AUTO, kvcache_space_gib="40")
+    out = tuning.vllm_tuning(settings, ["avx512f"], _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS)
+    assert len(out["problems"]) == 1
+    assert "KV cache 40 GiB" in out["problems"][0]
+    assert "does not fit in 31.00 GiB" in out["problems"][0]
+
+
+def test_context_longer_than_the_kv_cache_is_a_problem() -> None:
+    settings = dict(AUTO, kvcache_space_gib="1", max_model_len="65536")
+    out = tuning.vllm_tuning(settings, ["avx512f"], _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS)
+    assert any("max_model_len 65536" in p for p in out["problems"])
+
+
+def test_explicit_values_win() -> None:
+    settings = dict(AUTO, dtype="float32", omp_threads_bind="0-3", memory_max="12G")
+    out = tuning.vllm_tuning(
+        settings, ["avx512_bf16"], _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS
+    )
+    assert (out["dtype"], out["omp_threads_bind"], out["memory_max"]) == ("float32", "0-3", "12G")
+
+
+@pytest.mark.parametrize(
+    ("cpus", "text"), [([0, 1, 2, 5, 7, 8], "0-2,5,7-8"), ([3], "3"), ([], "")]
+)
+def test_cpu_ranges(cpus: list[int], text: str) -> None:
+    assert tuning.cpu_ranges(cpus) == text
+
+
+def test_lscpu_dashes_for_unknown_numa_nodes_are_node_zero() -> None:
+    rows = [{"cpu": 0, "core": 0, "socket": 0, "node": "-"}, {"cpu": 1, "core": 1, "socket": 0}]
+    assert tuning.physical_cores(rows) == {0: [0, 1]}
