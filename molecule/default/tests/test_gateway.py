@@ -1,0 +1,336 @@
+"""The gateway of the default scenario: nginx on the `gateway` host in front of both vLLM servers.
+
+Requests go over HTTPS to https://gateway/ with the certificate the role generated as the only trust
+anchor (curl --cacert), from the gateway host itself and from another host of the test network.
+Which server answered is read from the X-Upstream response header. One test stops a server and
+starts it again. Traffic stays inside the test containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+from helpers import api_key
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+GATEWAY = RUNNER.get_hosts("gateway")[0]
+testinfra_hosts = [GATEWAY]
+SERVERS = RUNNER.get_hosts("vllm_servers")
+# A host of the test network that is neither the gateway nor a server: a client from outside.
+OUTSIDE = "hf-standin"
+
+# The gateway's name is its inventory name: a SAN of its self-signed certificate and, on Docker's
+# network, a resolvable host name.
+URL = f"https://{GATEWAY}"
+CA = "/etc/nginx/vllm-gateway/tls/gateway.crt"
+INTERNAL = "http://127.0.0.1:8090"
+SERVED_NAME = "Qwen/Qwen2.5-1.5B-Instruct"
+VLLM_PORT = 8000
+RESTART_TIMEOUT = 300
+
+
+def _api_key() -> str:
+    """The key the servers and the gateway share, as the first server reads it (from Vault, via
+    its environment file)."""
+    server = testinfra.get_host(f"ansible://{SERVERS[0]}?ansible_inventory={INVENTORY}")
+    return api_key(server)
+
+
+KEY = _api_key()
+
+
+@dataclass
+class Reply:
+    """An HTTP answer as curl saw it."""
+
+    status: int
+    headers: dict[str, str]
+    body: str
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def _curl(
+    host, url: str, *, key: str | None = KEY, body: dict | None = None, method: str = ""
+) -> Reply:
+    """One request from `host`, TLS verified against the gateway's certificate; bounded in time."""
+    args = ["--silent", "--show-error", "--max-time", "120", "--include", "--cacert", CA]
+    if key is not None:
+        args += ["--header", f"Authorization: Bearer {key}"]
+    if body is not None:
+        args += ["--header", "Content-Type: application/json", "--data", json.dumps(body)]
+    if method:
+        args += ["--request", method]
+    cmd = host.run("curl " + " ".join(["%s"] * (len(args) + 1)), *args, url)
+    assert cmd.rc == 0, cmd.stderr
+    head, _, text = cmd.stdout.replace("\r\n", "\n").partition("\n\n")
+    status_line, *lines = head.splitlines()
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return Reply(int(status_line.split()[1]), headers, text)
+
+
+def _answered_by(reply: Reply) -> str:
+    """The server that produced the answer: the last address nginx tried."""
+    return reply.headers["x-upstream"].split(",")[-1].strip()
+
+
+def _server_address(host, name: str) -> str:
+    """ip:port of a server as nginx reports it ($upstream_addr): its address on the test network."""
+    return f"{host.check_output('getent ahostsv4 %s', name).split()[0]}:{VLLM_PORT}"
+
+
+def _assert_spread_over_all_servers(host) -> None:
+    """Sequential requests reach every server (least_conn breaks ties by taking turns)."""
+    expected = {_server_address(host, name) for name in SERVERS}
+    seen: set[str] = set()
+    # A server restarted shortly before may still be marked failed for fail_timeout (10 s).
+    deadline = time.monotonic() + 60
+    while seen != expected and time.monotonic() < deadline:
+        for _ in range(4):
+            reply = _curl(host, f"{URL}/v1/models")
+            assert reply.status == 200
+            seen.add(_answered_by(reply))
+        if seen != expected:
+            time.sleep(2)
+    assert seen == expected
+
+
+def _chat(max_tokens: int = 4, stream: bool = False) -> dict:
+    return {
+        "model": SERVED_NAME,
+        "messages": [{"role": "user", "content": "Tell me something about large language models."}],
+        "max_tokens": max_tokens,
+        # random weights may pick end-of-sequence first: generate the tokens regardless
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+def test_nginx_runs_and_its_configuration_passes_nginx_t(host) -> None:
+    nginx = host.service("nginx")
+    assert nginx.is_enabled
+    assert nginx.is_running
+    assert host.run("nginx -t").rc == 0
+
+
+def test_listens_on_https_http_and_loopback_only_for_the_internal_listener(host) -> None:
+    assert host.socket("tcp://0.0.0.0:443").is_listening
+    assert host.socket("tcp://0.0.0.0:80").is_listening
+    assert host.socket("tcp://127.0.0.1:8090").is_listening
+    assert not host.socket("tcp://0.0.0.0:8090").is_listening
+
+
+def test_api_key_and_tls_key_files_are_private(host) -> None:
+    key_file = host.file("/etc/nginx/vllm-gateway/api-key.conf")
+    assert (key_file.user, key_file.group, key_file.mode) == ("root", "www-data", 0o640)
+    tls_key = host.file("/etc/nginx/vllm-gateway/tls/gateway.key")
+    assert (tls_key.user, tls_key.mode) == ("root", 0o600)
+    assert KEY not in host.file("/etc/nginx/conf.d/vllm-gateway.conf").content_string
+
+
+def test_certificate_names_the_gateway(host) -> None:
+    sans = host.check_output("openssl x509 -in %s -noout -ext subjectAltName", CA)
+    assert f"DNS:{GATEWAY}" in sans
+
+
+def test_a_client_elsewhere_on_the_network_verifies_the_gateway(host) -> None:
+    outside = testinfra.get_host(f"ansible://{OUTSIDE}?ansible_inventory={INVENTORY}")
+    pem = host.file(CA).content_string
+    assert outside.run("printf '%%s' %s > /tmp/gateway-ca.crt", pem).rc == 0
+    cmd = outside.run(
+        "curl --silent --show-error --max-time 60 --cacert /tmp/gateway-ca.crt"
+        " --header %s --write-out '%%{http_code}' --output /dev/null %s",
+        f"Authorization: Bearer {KEY}",
+        f"{URL}/v1/models",
+    )
+    assert cmd.rc == 0, cmd.stderr
+    assert cmd.stdout == "200"
+
+
+def test_plain_http_is_redirected_to_https(host) -> None:
+    out = host.check_output(
+        "curl --silent --output /dev/null --write-out '%%{http_code} %%{redirect_url}' %s",
+        f"http://{GATEWAY}/v1/models",
+    )
+    assert out == f"308 {URL}/v1/models"
+
+
+def test_health_answers_without_a_key(host) -> None:
+    assert _curl(host, f"{URL}/health", key=None).status == 200
+
+
+def test_right_key_lists_the_model(host) -> None:
+    reply = _curl(host, f"{URL}/v1/models")
+    assert reply.status == 200
+    assert SERVED_NAME in [m["id"] for m in reply.json()["data"]]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [None, "wrong-key", KEY + "x", KEY.swapcase() if KEY.swapcase() != KEY else "X"],
+    ids=["no-key", "wrong-key", "key-plus-a-character", "key-in-other-case"],
+)
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/models", None), ("/v1/chat/completions", _chat()), ("/v1/completions", {})],
+)
+def test_a_missing_or_wrong_key_gets_401_at_the_edge(
+    host, key: str | None, path: str, body: dict | None
+) -> None:
+    reply = _curl(host, URL + path, key=key, body=body)
+    assert reply.status == 401
+    # nginx's own OpenAI-style answer: the request never reached a server
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    assert "x-upstream" not in reply.headers
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tokenize",
+        "/detokenize",
+        "/pause",
+        "/resume",
+        "/invocations",
+        "/metrics",
+        "/version",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/load_lora_adapter",
+        "/v1",
+        "/v2/rerank",
+        "/collective_rpc",
+        "/openapi.json",
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_vllm_endpoints_outside_the_allowlist_are_not_reachable(
+    host, path: str, method: str
+) -> None:
+    body = {"model": SERVED_NAME, "prompt": "hello"} if method == "POST" else None
+    reply = _curl(host, URL + path, body=body, method=method)
+    assert reply.status in (403, 404), reply.body
+    assert "x-upstream" not in reply.headers
+
+
+def test_requests_are_spread_over_both_servers(host) -> None:
+    _assert_spread_over_all_servers(host)
+
+
+def test_streaming_passes_through_tls_unbuffered(host) -> None:
+    # Timestamps each line as it arrives on the gateway host: with buffering the lines would all
+    # arrive together at the end; unbuffered they are spread over the generation of 16 tokens.
+    script = (
+        "import json, ssl, sys, time, http.client\n"
+        "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+        "conn = http.client.HTTPSConnection(sys.argv[2], context=ctx, timeout=120)\n"
+        "conn.request('POST', '/v1/chat/completions', body=sys.argv[3],\n"
+        "             headers={'Authorization': 'Bearer ' + sys.argv[4],\n"
+        "                      'Content-Type': 'application/json'})\n"
+        "resp = conn.getresponse()\n"
+        "print(json.dumps([resp.status, dict(resp.getheaders())]))\n"
+        "for raw in resp:\n"
+        "    line = raw.decode().strip()\n"
+        "    if line:\n"
+        "        print(json.dumps([time.monotonic(), line]))\n"
+    )
+    out = host.check_output(
+        "python3 -c %s %s %s %s %s", script, CA, GATEWAY, json.dumps(_chat(16, stream=True)), KEY
+    )
+    (status, headers), *events = (json.loads(line) for line in out.splitlines())
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["X-Accel-Buffering"] == "no"
+    lines = [line for _, line in events]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert len(chunks) >= 4
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text != ""
+    spread = events[-1][0] - events[0][0]
+    assert spread > 0.03, f"all {len(events)} events arrived within {spread:.3f} s: buffered?"
+
+
+def test_non_streamed_chat_completion_through_the_gateway(host) -> None:
+    reply = _curl(host, f"{URL}/v1/chat/completions", body=_chat())
+    assert reply.status == 200
+    assert reply.json()["usage"]["completion_tokens"] > 0
+
+
+def test_internal_listener_serves_the_same_paths_with_the_same_key(host) -> None:
+    def status(path: str, key: str | None = KEY) -> str:
+        auth = ["--header", f"Authorization: Bearer {key}"] if key else []
+        return host.check_output(
+            "curl --silent --max-time 60 --output /dev/null --write-out '%%{http_code}'"
+            + " %s" * len(auth)
+            + " %s",
+            *auth,
+            INTERNAL + path,
+        )
+
+    assert status("/v1/models") == "200"
+    assert status("/v1/models", key=None) == "401"
+    assert status("/v1/models", key="wrong-key") == "401"
+    assert status("/health", key=None) == "200"
+    assert status("/tokenize") == "404"
+    assert status("/metrics") == "403"
+
+
+def test_stopping_one_server_leaves_the_gateway_answering(host) -> None:
+    stopped_name = SERVERS[0]
+    stopped_address = _server_address(host, stopped_name)
+    server = testinfra.get_host(f"ansible://{stopped_name}?ansible_inventory={INVENTORY}")
+    assert server.run("systemctl stop vllm").rc == 0
+    try:
+        assert not server.service("vllm").is_running
+        for _ in range(3):
+            for reply in (
+                _curl(host, f"{URL}/v1/models"),
+                _curl(host, f"{URL}/v1/chat/completions", body=_chat()),
+            ):
+                assert reply.status == 200, reply.body
+                assert _answered_by(reply) != stopped_address
+            assert _curl(host, f"{URL}/health", key=None).status == 200
+    finally:
+        assert server.run("systemctl start vllm").rc == 0
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while time.monotonic() < deadline:
+            probe = host.run("curl --silent --fail --max-time 5 http://%s/health", stopped_address)
+            if probe.rc == 0:
+                break
+            time.sleep(5)
+        else:
+            pytest.fail(f"{stopped_name}: no /health {RESTART_TIMEOUT} s after its restart")
+
+
+def test_both_servers_answer_again_after_the_restart(host) -> None:
+    _assert_spread_over_all_servers(host)
+
+
+def test_web_ui_is_served_under_the_root_when_it_runs(host) -> None:
+    if host.run("curl --silent --max-time 5 --output /dev/null http://127.0.0.1:7860/").rc != 0:
+        pytest.skip("no web UI on 127.0.0.1:7860 in this scenario")
+    page = _curl(host, f"{URL}/", key=None)
+    assert page.status == 200
+    assert page.headers["content-type"].startswith("text/html")
+    # Gradio builds its URLs from X-Forwarded-Host/-Proto: the page must point at the gateway
+    config = _curl(host, f"{URL}/config", key=None)
+    assert config.json()["root"] == URL
+
+
+def test_logs_never_hold_the_api_key(host) -> None:
+    # every test above sent the key; nginx's access log format has no Authorization header
+    cmd = host.run("grep -rcF -- %s /var/log/nginx/", KEY)
+    assert cmd.rc == 1, cmd.stdout
