@@ -2,7 +2,7 @@
 # Debian packages the test machine needs (Docker engine, rootfs builder, git-lfs, shellcheck).
 # Installs only what is missing, so it is quick on a prepared machine.
 set -euo pipefail
-packages=(docker.io mmdebstrap git git-lfs shellcheck curl)
+packages=(docker.io mmdebstrap git git-lfs shellcheck curl chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

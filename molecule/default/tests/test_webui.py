@@ -1,0 +1,108 @@
+"""The web UI on the gateway host: the unit and its hardening, checked inside the host; then the
+suites of tests/webui run from the controller against vllm-1's real server (chat logic, and headless
+Chromium on the role's page with a recording proxy) and against the page the gateway serves.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from base64 import b64decode
+from pathlib import Path
+
+import testinfra.utils.ansible_runner
+from helpers import api_key
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("gateway")
+SERVER = testinfra.get_host(f"ansible://vllm-1?ansible_inventory={INVENTORY}")
+# The key the servers read from Vault; the login and prompt as in molecule.yml (group_vars).
+API_KEY = api_key(SERVER)
+USER, PASSWORD = "tester", 'pa ss"wo`rd$1\\x'
+SYSTEM_PROMPT = 'You are a "helpful" assistant.\nPrices are in $USD.'
+WHEELHOUSE = Path.home() / ".cache/vllm-fleet/wheelhouse/vllm-webui-cp311-x86_64"
+
+
+def _address(host) -> str:
+    """The host's address on the scenario's network, as the controller reaches it."""
+    return host.check_output("hostname -I").split()[0]
+
+
+def _main_pid(host) -> str:
+    return host.check_output("systemctl show --property MainPID --value vllm-webui")
+
+
+def test_service_user_cannot_log_in(host) -> None:
+    user = host.user("vllm-webui")
+    assert user.exists
+    assert user.shell in ("/usr/sbin/nologin", "/sbin/nologin")
+    assert host.check_output("passwd --status vllm-webui").split()[1] == "L"
+
+
+def test_service_user_cannot_write_its_code(host) -> None:
+    for path in ("/opt/vllm-webui", "/opt/vllm-webui/venv/lib", "/opt/vllm-webui/app.py"):
+        assert host.run("runuser -u vllm-webui -- test -w %s", path).rc != 0, path
+
+
+def test_environment_file_is_private(host) -> None:
+    env = host.file("/etc/vllm-webui/vllm-webui.env")
+    assert (env.user, env.group, env.mode) == ("root", "vllm-webui", 0o640)
+
+
+def test_unit_file_passes_systemd_analyze_verify(host) -> None:
+    cmd = host.run("systemd-analyze verify /etc/systemd/system/vllm-webui.service")
+    assert cmd.rc == 0
+    assert cmd.stdout.strip() == "" and cmd.stderr.strip() == "", cmd.stderr
+
+
+def test_unit_runs_as_its_user_on_loopback_only(host) -> None:
+    service = host.service("vllm-webui")
+    assert service.is_enabled and service.is_running
+    assert host.check_output("ps -o user= -p %s", _main_pid(host)) == "vllm-webui"
+    assert host.socket("tcp://127.0.0.1:7860").is_listening
+    assert not host.socket("tcp://0.0.0.0:7860").is_listening
+
+
+def test_secrets_and_a_multi_line_prompt_reach_the_process_unchanged(host) -> None:
+    # systemd's own reading of the environment file: quotes, $, backticks, newlines kept
+    raw = host.check_output("base64 -w0 /proc/%s/environ", _main_pid(host))
+    environ = dict(item.split("=", 1) for item in b64decode(raw).decode().split("\0") if item)
+    assert environ["VLLM_WEBUI_AUTH_PASSWORD"] == PASSWORD
+    assert environ["VLLM_WEBUI_SYSTEM_PROMPT"] == SYSTEM_PROMPT
+    assert environ["VLLM_WEBUI_API_KEY"] == API_KEY
+    assert environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_page_answers_on_loopback(host) -> None:
+    assert host.run("curl --silent --fail --output /dev/null http://127.0.0.1:7860/").rc == 0
+
+
+def test_webui_suites_from_the_controller(host) -> None:
+    made = subprocess.run(
+        ["bash", str(PROJECT / "tests/webui/make-venv.sh")],
+        env=dict(os.environ, WHEELHOUSE=str(WHEELHOUSE)),
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    env = dict(
+        os.environ,
+        VLLM_WEBUI_TEST_API_BASE=f"http://{_address(SERVER)}:8000/v1",
+        VLLM_WEBUI_TEST_API_KEY=API_KEY,
+        VLLM_WEBUI_TEST_PYTHON=made.stdout.split()[-1],
+        VLLM_WEBUI_TEST_URL=f"https://{_address(host)}/",
+        VLLM_WEBUI_TEST_USER=USER,
+        VLLM_WEBUI_TEST_PASSWORD=PASSWORD,
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs", "tests/webui"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-4000:]
+    assert "SKIPPED" not in run.stdout, run.stdout

@@ -1,0 +1,111 @@
+"""Helpers of the web UI tests: the real server to talk to, and a recording reverse proxy."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+APP_DIR = Path(__file__).resolve().parents[2] / "roles" / "vllm_webui" / "files"
+# Hop-by-hop headers are the proxy's own business (RFC 9110 7.6.1); it answers in HTTP/1.0 style,
+# closing the connection at the end of each response, so no chunked encoding is passed on.
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A real OpenAI-compatible (vLLM) server."""
+
+    api_base: str
+    api_key: str
+    model: str
+
+
+@dataclass
+class Exchange:
+    """One request that went through the recorder and the answer it got."""
+
+    path: str
+    request: dict[str, Any]
+    status: int = 0
+    response: bytes = b""
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def streamed_text(self) -> str:
+        """The text of a streamed chat completion as it went over the wire (server-sent events)."""
+        text = ""
+        for line in self.response.decode().splitlines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                    text += choice["delta"].get("content") or ""
+        return text
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Recorder
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def do_POST(self) -> None:
+        self._forward()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        exchange = Exchange(self.path, json.loads(body) if body else {})
+        self.server.exchanges.append(exchange)
+        upstream = http.client.HTTPConnection(self.server.upstream, timeout=600)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        upstream.request(self.command, self.path, body=body or None, headers=headers)
+        answer = upstream.getresponse()
+        exchange.status = answer.status
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in HOP_BY_HOP:
+                self.send_header(name, value)
+        self.end_headers()
+        try:
+            # Pass each piece on as soon as it arrives: a streamed answer must stay streamed.
+            while piece := answer.read1(65536):
+                exchange.response += piece
+                self.wfile.write(piece)
+                self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hung up: hang up on the server too, as a client would
+        finally:
+            upstream.close()
+            exchange.finished.set()
+
+
+class Recorder(ThreadingHTTPServer):
+    """A reverse proxy on loopback that passes every request to a real server and keeps a copy.
+
+    Point a client at `url_for(api_base)`; `exchanges` then lists each request's JSON body and the
+    raw answer, in order. Plain http upstreams only (the test servers).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, api_base: str) -> None:
+        parts = urlsplit(api_base)
+        assert parts.scheme == "http", f"the recorder passes plain http only, not {api_base}"
+        self.upstream = parts.netloc
+        self.exchanges: list[Exchange] = []
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def url_for(self, api_base: str) -> str:
+        """`api_base` with its host and port replaced by the recorder's."""
+        parts = urlsplit(api_base)
+        return urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.server_address[1]}"))
+
+    def chats(self) -> list[Exchange]:
+        """The chat completion requests seen so far."""
+        return [e for e in self.exchanges if e.path.endswith("/chat/completions")]
