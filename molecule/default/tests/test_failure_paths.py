@@ -22,6 +22,7 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 HOST = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")[-1]
 testinfra_hosts = [HOST]
+BUILDER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")[0]
 MIRROR = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
 UNIT = "/etc/systemd/system/vllm.service"
 SRV = "/srv/hf-standin"
@@ -175,3 +176,45 @@ def test_smoke_playbook_runs_the_recipes_two_clients_with_timings(host) -> None:
     assert re.search(r"openai client: [0-9]+ tokens in [0-9.]+ s", out), out[-2000:]
     assert re.search(r"offline LLM.generate: model loaded in [0-9.]+ s", out), out[-2000:]
     assert api_key(host) not in out
+
+
+def _recap_changed(out: str, name: str) -> int:
+    found = re.search(rf"{re.escape(name)}\s*: ok=\d+\s+changed=(\d+)", out)
+    assert found, out[-2000:]
+    return int(found.group(1))
+
+
+def test_rerunning_the_build_builds_nothing(host) -> None:
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    before = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
+    rc, out = _stage("vllm.yml", limit=None)
+    assert rc == 0, out[-3000:]
+    assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
+    assert "Fetch the commit from git" not in out
+    assert _recap_changed(out, BUILDER) == 0 and _recap_changed(out, HOST) == 0
+    assert builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == before
+
+
+def test_a_full_compile_with_debian_gcc_is_refused_before_anything_changes(host) -> None:
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    listing = "ls -A /var/lib/vllm-build/work /var/lib/vllm-build/dist /var/lib/vllm-build/venvs"
+    before = builder.check_output(listing)
+    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
+    assert rc != 0
+    gcc = builder.check_output("gcc -dumpfullversion")
+    refusal = f"gcc {gcc} on builder {BUILDER} is older than 12.3, which vLLM v0.32.0 requires"
+    assert refusal + " for x86 CPU builds" in out, out[-3000:]
+    assert "vllm_build_use_precompiled: true" in out
+    assert _recap_changed(out, BUILDER) == 0
+    assert "Install what the build needs" not in out
+    assert builder.check_output(listing) == before
+    assert host.service("vllm").is_running
+
+
+def test_a_server_without_the_target_instruction_set_is_refused(host) -> None:
+    # No test CPU has AMX (the environment's CPUs: AVX2, some AVX-512, never AMX).
+    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_cpu_isa="amx_bf16")
+    assert rc != 0
+    assert f"{HOST} cannot run a vLLM wheel built for amx_bf16: its CPU lacks" in out
+    assert "amx_bf16" in out.split("its CPU lacks", 1)[1]
+    assert _recap_changed(out, BUILDER) == 0
