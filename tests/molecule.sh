@@ -3,6 +3,9 @@
 # Docker again (by its pid, see .ci/dockerd.sh) on exit, also on failure. Builds the test image
 # and the test fixtures first (both are cached and rebuilt only when missing).
 # Usage: tests/molecule.sh [--all | -s SCENARIO] [molecule test options]
+#        tests/molecule.sh --exec COMMAND...   (run COMMAND with that Docker, e.g. a benchmark)
+# --all runs every test scenario; the provisioning benchmark's scenarios (provision-*) only run
+# from benchmarks/provision.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +34,11 @@ fi
 bash tests/image/build-image.sh
 bash tests/fixtures/build.sh
 
+if [[ "${1:-}" == --exec ]]; then
+  shift
+  "$@"
+  exit
+fi
 args=("$@")
-((${#args[@]})) || args=(--all)
+((${#args[@]})) || args=(--all --exclude 'provision-*')
 time molecule test "${args[@]}"

@@ -1,0 +1,147 @@
+"""Provisioning benchmark: cold `site.yml` on 1 and on 3 fresh hosts, then the warm re-run.
+
+Run it with `make bench-provision` (Docker started by tests/molecule.sh --exec, stopped by its pid).
+For each fleet size N it creates N fresh systemd containers plus the Hugging Face stand-in
+(Molecule scenario molecule/provision-N; group_vars in molecule/resources/bench/), and times:
+
+- cold: `molecule converge` = `ansible-playbook site.yml` on the fresh hosts, from the controller's
+  wheelhouses (warm: filled by earlier runs) and the local model mirror; vLLM is built from source
+  once for the fleet (a fresh controller build folder per run, so every cold run builds);
+- warm: `molecule idempotence` = the same playbook again, which must report changed=0.
+
+Ansible's profile_roles callback gives the time per role, so the build's share is known: the
+saving of building once is (N - 1) x that share, the cost building on every host would add.
+Appends one JSON line per (N, phase) to benchmarks/results/provision.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+RESULTS = PROJECT / "benchmarks" / "results"
+ROLE_LINE = re.compile(r"^(\S+) -+ ?(\d+\.\d+)s$")
+
+
+def molecule(action: str, scenario: str, log: Path, env: dict[str, str]) -> float:
+    """Run one molecule action, its output to `log`; return its wall time (fails loudly)."""
+    start = time.monotonic()
+    with log.open("w") as out:
+        run = subprocess.run(
+            ["molecule", action, "-s", scenario],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    seconds = time.monotonic() - start
+    if run.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        sys.exit(f"molecule {action} -s {scenario} failed (log {log}):\n{tail}")
+    return seconds
+
+
+def role_seconds(log: Path) -> dict[str, float]:
+    """Seconds per role from profile_roles' recap (the last one in the log)."""
+    text = log.read_text(errors="replace")
+    recap = text.rsplit("ROLES RECAP", 1)[-1]
+    roles: dict[str, float] = {}
+    for line in recap.splitlines():
+        found = ROLE_LINE.match(line.strip())
+        if found and found.group(1) != "total":
+            roles[found.group(1)] = float(found.group(2))
+    return roles
+
+
+def changed_counts(log: Path) -> dict[str, int]:
+    """changed= per host from the last PLAY RECAP."""
+    recap = log.read_text(errors="replace").rsplit("PLAY RECAP", 1)[-1]
+    return {h: int(c) for h, c in re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", recap, re.M)}
+
+
+def git_commit() -> str:
+    run = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    )
+    return run.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, nargs="+", default=[1, 3], choices=[1, 3])
+    ap.add_argument("--out", type=Path, default=RESULTS / "provision.jsonl")
+    args = ap.parse_args()
+
+    logs = PROJECT / ".cache" / "bench" / "provision-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_roles,ansible.posix.timer",
+        ANSIBLE_NOCOLOR="1",
+        NO_COLOR="1",
+        PY_COLORS="0",
+    )
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    host = {
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        ),
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for n in args.hosts:
+        scenario = f"provision-{n}"
+        print(f"== {n} fresh host(s): scenario {scenario}", flush=True)
+        try:
+            molecule("destroy", scenario, logs / f"{scenario}-destroy0.log", env)
+            molecule("create", scenario, logs / f"{scenario}-create.log", env)
+            molecule("prepare", scenario, logs / f"{scenario}-prepare.log", env)
+            records = []
+            for phase, action in (("cold", "converge"), ("warm", "idempotence")):
+                log = logs / f"{scenario}-{phase}.log"
+                seconds = molecule(action, scenario, log, env)
+                changed = changed_counts(log)
+                record = {
+                    "benchmark": "provision",
+                    "date": stamp,
+                    "commit": git_commit(),
+                    "host": host,
+                    "hosts": n,
+                    "phase": phase,
+                    "seconds": round(seconds, 1),
+                    "roles_seconds": role_seconds(log),
+                    "changed": changed,
+                }
+                if phase == "warm" and any(changed.values()):
+                    sys.exit(f"the warm re-run changed something: {changed} (log {log})")
+                records.append(record)
+                print(
+                    f"   {phase}: {seconds:.0f} s, changed {sum(changed.values())}, "
+                    f"build {record['roles_seconds'].get('vllm_build', 0):.0f} s",
+                    flush=True,
+                )
+            with args.out.open("a") as out:
+                for record in records:
+                    out.write(json.dumps(record) + "\n")
+        finally:
+            molecule("destroy", scenario, logs / f"{scenario}-destroy.log", env)
+
+
+if __name__ == "__main__":
+    main()
