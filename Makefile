@@ -10,7 +10,7 @@ INVENTORY ?= inventory
 SCENARIO ?= --all
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: deploy test venv lint unit syntax molecule host-deps clean
+.PHONY: deploy test venv lint unit syntax molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision
 
 $(BIN)/.installed: requirements-dev.txt requirements.yml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,37 @@ host-deps:
 # Starts Docker if it is not running (and stops it again), builds the test image, runs Molecule.
 molecule: venv host-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/molecule.sh $(SCENARIO)
+
+# Benchmarks (issue #7; benchmarks/README.md). Not part of `make test`: they need a quiet machine,
+# build llama.cpp and a vLLM venv the first time (cached in .cache/bench), and take ~40 minutes.
+# Extra options for benchmarks/serving.py: make bench BENCH_ARGS="--runs 5".
+BENCH_VENV ?= .cache/bench/tools-venv
+BENCH_ARGS ?=
+
+$(BENCH_VENV)/.installed: requirements-bench.txt
+	rm -rf $(BENCH_VENV)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --requirement requirements-bench.txt
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed
+
+bench-serving: bench-venv
+	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
+
+# Cold site.yml on 1 and on 3 fresh systemd containers, then the warm re-run (molecule/provision-*,
+# Docker started and stopped by tests/molecule.sh). ~1 hour on 2 cores; not part of `make test`.
+bench-provision: venv host-deps
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/molecule.sh --exec $(BIN)/python benchmarks/provision.py
+
+bench-plot: bench-venv
+	$(BENCH_VENV)/bin/python benchmarks/plot.py
+
+# The plots are drawn even when a configuration failed (its error is in the results); the exit
+# status is the serving benchmark's.
+bench: bench-venv
+	status=0; $(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS) || status=$$?; \
+	$(BENCH_VENV)/bin/python benchmarks/plot.py; exit $$status
 
 clean:
 	rm -rf $(VENV) .cache

