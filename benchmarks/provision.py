@@ -117,6 +117,8 @@ def main() -> None:
                 log = logs / f"{scenario}-{phase}.log"
                 seconds = molecule(action, scenario, log, env)
                 changed = changed_counts(log)
+                if not changed or (phase == "cold" and "vllm_build" not in role_seconds(log)):
+                    sys.exit(f"no PLAY RECAP or no profile_roles recap with vllm_build in {log}")
                 record = {
                     "benchmark": "provision",
                     "date": stamp,
