@@ -65,10 +65,11 @@ bench-venv: $(BENCH_VENV)/.installed
 bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
 
-# Cold site.yml on 1 and on 3 fresh systemd containers, then the warm re-run (molecule/provision-*,
+# Cold site.yml on 1 and on 3 fresh systemd containers, then the warm re-run (benchmarks/molecule/,
 # Docker started and stopped by tests/molecule.sh). ~1 hour on 2 cores; not part of `make test`.
 bench-provision: venv host-deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/molecule.sh --exec $(BIN)/python benchmarks/provision.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" MOLECULE_GLOB='benchmarks/molecule/*/molecule.yml' \
+	  bash tests/molecule.sh --exec $(BIN)/python benchmarks/provision.py
 
 bench-plot: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/plot.py

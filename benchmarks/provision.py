@@ -2,7 +2,8 @@
 
 Run it with `make bench-provision` (Docker started by tests/molecule.sh --exec, stopped by its pid).
 For each fleet size N it creates N fresh systemd containers plus the Hugging Face stand-in
-(Molecule scenario molecule/provision-N; group_vars in molecule/resources/bench/), and times:
+(Molecule scenario benchmarks/molecule/provision-N, found through MOLECULE_GLOB; group_vars
+in benchmarks/molecule/group_vars/), and times:
 
 - cold: `molecule converge` = `ansible-playbook site.yml` on the fresh hosts, from the controller's
   wheelhouses (warm: filled by earlier runs) and the local model mirror; vLLM is built from source
@@ -91,6 +92,8 @@ def main() -> None:
         NO_COLOR="1",
         PY_COLORS="0",
     )
+    # The benchmark's scenarios are not in molecule/ (make test runs every scenario there).
+    env.setdefault("MOLECULE_GLOB", "benchmarks/molecule/*/molecule.yml")
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     host = {
         "cpu": next(

@@ -4,8 +4,8 @@
 # and the test fixtures first (both are cached and rebuilt only when missing).
 # Usage: tests/molecule.sh [--all | -s SCENARIO] [molecule test options]
 #        tests/molecule.sh --exec COMMAND...   (run COMMAND with that Docker, e.g. a benchmark)
-# --all runs every test scenario; the provisioning benchmark's scenarios (provision-*) only run
-# from benchmarks/provision.py.
+# The provisioning benchmark's scenarios live in benchmarks/molecule/ (MOLECULE_GLOB, set by
+# `make bench-provision`), so --all runs the test scenarios of molecule/ only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,5 +40,5 @@ if [[ "${1:-}" == --exec ]]; then
   exit
 fi
 args=("$@")
-((${#args[@]})) || args=(--all --exclude 'provision-*')
+((${#args[@]})) || args=(--all)
 time molecule test "${args[@]}"
