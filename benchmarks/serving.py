@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import yaml
 from servebench import BENCH_CACHE, REPO, RESULTS, artifacts, client, configs, limits, procs
 from servebench.artifacts import log
 
@@ -91,6 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start every server anew for each run (default: once per configuration)",
     )
     ap.add_argument(
+        "--tuned-set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="override one of roles/vllm_service's defaults for the tuned configuration, as"
+        " inventory would (VALUE is YAML), e.g. vllm_service_reserved_cpus=0 (repeatable)",
+    )
+    ap.add_argument(
         "--recipe-kvcache-gib",
         type=int,
         default=4,
@@ -120,6 +129,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name not in args.runs_of or not n.isdigit() or int(n) < 1:
             ap.error(f"--runs-for {item}: expected NAME=N with NAME one of {args.configs}")
         args.runs_of[name] = int(n)
+    args.tuned_overrides = {}
+    known = artifacts.role_defaults("vllm_service")
+    for item in args.tuned_set:
+        var, sep, value = item.partition("=")
+        if not sep or var not in known:
+            ap.error(
+                f"--tuned-set {item}: expected VAR=VALUE with VAR in roles/vllm_service/defaults"
+            )
+        args.tuned_overrides[var] = yaml.safe_load(value)
     return args
 
 
@@ -495,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "recipe":
             return configs.recipe(vllm_python, model, ports[name], state, args.recipe_kvcache_gib)
         if name == "tuned":
-            return configs.tuned(vllm_python, model, ports[name], state, facts)
+            return configs.tuned(
+                vllm_python, model, ports[name], state, facts, args.tuned_overrides
+            )
         assert llama_server is not None and gguf is not None and gguf_type is not None
         return configs.llamacpp(llama_server, gguf, gguf_type, ports[name], state, facts)
 
@@ -532,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "short_prompt_tokens": args.short_prompt_tokens,
             "restart_each_run": args.restart_each_run,
+            "tuned_overrides": args.tuned_overrides,
             "sampling": "greedy (temperature 0), ignore_eos, repetition penalty 1.0",
         },
         "command": " ".join(["python", "benchmarks/serving.py", *(argv or sys.argv[1:])]),

@@ -146,7 +146,14 @@ def model_weights_bytes(model: Path) -> int:
     )
 
 
-def tuned(python: Path, model: Path, port: int, state: Path, facts: dict[str, Any]) -> ServerConfig:
+def tuned(
+    python: Path,
+    model: Path,
+    port: int,
+    state: Path,
+    facts: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+) -> ServerConfig:
     """The role's service for this host, as a plain process.
 
     Mirrors roles/vllm_service/tasks/tune.yml (facts -> vllm_tuning), templates/vllm.service.j2
@@ -154,7 +161,7 @@ def tuned(python: Path, model: Path, port: int, state: Path, facts: dict[str, An
     Not applicable to a process started here: User/Group (runs as the caller), MemoryMax, the
     sandbox (Protect*, SystemCallFilter, ...), Restart=. LimitNOFILE is applied (`nofile`).
     """
-    d = role_defaults("vllm_service")
+    d = {**role_defaults("vllm_service"), **(overrides or {})}
     settings = {
         "dtype": d["vllm_service_dtype"],
         "kvcache_space_gib": d["vllm_service_kvcache_space_gib"],
@@ -230,6 +237,7 @@ def tuned(python: Path, model: Path, port: int, state: Path, facts: dict[str, An
     )
     env.update({str(k): str(v) for k, v in dict(d["vllm_service_environment"]).items()})
     notes = ["as the role's unit and environment file, without the systemd-only settings"]
+    notes += [f"role default overridden: {k}={v!r}" for k, v in (overrides or {}).items()]
     if missing:
         notes.append("not preloaded (missing on this host): " + ", ".join(missing))
     return ServerConfig(
