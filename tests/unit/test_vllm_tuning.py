@@ -31,7 +31,7 @@ AUTO = {
     "max_model_len": "auto",
     "max_num_seqs": "16",
     "omp_threads_bind": "auto",
-    "reserved_cpus": "1",
+    "reserved_cpus": "auto",
     "tensor_parallel_size": "auto",
     "memory_max": "auto",
     "overhead_gib": "2",
@@ -84,9 +84,18 @@ def test_hyper_threads_are_left_out_and_numa_nodes_become_ranks() -> None:
     assert out["omp_threads_bind"] == "1-7|9-15"
 
 
-def test_two_core_host_keeps_one_core_for_the_front_end() -> None:
+def test_two_core_host_keeps_both_cores_for_compute_unless_told() -> None:
     out = tuning.vllm_tuning(AUTO, ["avx512f"], _cpus(1, 2), 24000, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["omp_threads_bind"] == "0-1"  # auto reserves nothing below 8 cores per rank
+    told = dict(AUTO, reserved_cpus="1")
+    out = tuning.vllm_tuning(told, ["avx512f"], _cpus(1, 2), 24000, QWEN_1_5B, QWEN_WEIGHTS)
     assert out["omp_threads_bind"] == "1"
+
+
+@pytest.mark.parametrize(("cores", "bind"), [(4, "0-3"), (7, "0-6"), (8, "1-7"), (16, "1-15")])
+def test_auto_reserves_a_core_from_eight_cores_per_rank(cores: int, bind: str) -> None:
+    out = tuning.vllm_tuning(AUTO, ["avx512f"], _cpus(1, cores), 65536, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["omp_threads_bind"] == bind
 
 
 def test_single_core_host_reserves_nothing() -> None:

@@ -220,8 +220,9 @@ def test_tuning_is_computed_from_the_host(host) -> None:
     env = _env(host)
     flags = host.check_output("grep -m1 ^flags /proc/cpuinfo").split()
     cores = int(host.check_output("lscpu --parse=CORE | grep -v '^#' | sort -u | wc -l"))
-    # one OpenMP thread per physical core, the first core left to the API front end
-    expected_bind = "0" if cores == 1 else (f"1-{cores - 1}" if cores > 2 else "1")
+    # one OpenMP thread per physical core; from 8 cores on, the first left to the API front end
+    reserved = 1 if cores >= 8 else 0
+    expected_bind = str(reserved) if cores - reserved == 1 else f"{reserved}-{cores - 1}"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == expected_bind
     unit = host.file("/etc/systemd/system/vllm.service").content_string
     expected_dtype = "bfloat16" if "avx512f" in flags else "float32"

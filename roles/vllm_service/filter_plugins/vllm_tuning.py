@@ -72,21 +72,40 @@ def cpu_ranges(cpus: list[int]) -> str:
     return ",".join(parts)
 
 
+# reserved_cpus auto: one core per rank for the API front end from this many physical cores per
+# rank on, none below. Measured on 2 cores (benchmarks/README.md, "Tuning the serving role"):
+# keeping one of two cores for the front end made prefill 1.8x slower and 16 streams 1.7x slower.
+# Where one core is a small share (vLLM's guide: 1 of 32), it keeps the front end responsive.
+RESERVE_FROM_CORES = 8
+
+
+def reserved_cores(reserved: str | int, rank_cores: int) -> int:
+    """Cores of one rank left to the API front end: the setting, or auto's rule."""
+    if str(reserved) == "auto":
+        return 1 if rank_cores >= RESERVE_FROM_CORES else 0
+    return int(reserved)
+
+
 def thread_binding(
-    cpus: list[dict[str, Any]], reserved: int, tensor_parallel: str | int
+    cpus: list[dict[str, Any]], reserved: str | int, tensor_parallel: str | int
 ) -> tuple[str, int]:
     """Return VLLM_CPU_OMP_THREADS_BIND and the tensor-parallel size.
 
     One OpenMP thread per physical core (hyper-thread siblings left out), one rank per NUMA node
     when tensor_parallel is auto, and ``reserved`` cores per rank left to the API front end (vLLM's
-    recommendation), unless that would leave a rank without a core.
+    recommendation; auto: 1 from RESERVE_FROM_CORES cores per rank on), unless that would leave a
+    rank without a core.
     """
     nodes = [cores for cores in physical_cores(cpus).values() if cores]
     if not nodes:
         return "auto", 1
     tp = len(nodes) if str(tensor_parallel) == "auto" else max(1, int(tensor_parallel))
     groups = nodes if tp == len(nodes) else _split([c for cores in nodes for c in cores], tp)
-    return "|".join(cpu_ranges(g[reserved:] if len(g) > reserved else g) for g in groups), tp
+    ranges = []
+    for g in groups:
+        keep = reserved_cores(reserved, len(g))
+        ranges.append(cpu_ranges(g[keep:] if len(g) > keep else g))
+    return "|".join(ranges), tp
 
 
 def _split(cores: list[int], parts: int) -> list[list[int]]:
@@ -145,9 +164,7 @@ def vllm_tuning(
     budget = total - reserve
     bind, tp = ("", 1)
     if str(settings["omp_threads_bind"]) == "auto":
-        bind, tp = thread_binding(
-            cpus, int(settings["reserved_cpus"]), settings["tensor_parallel_size"]
-        )
+        bind, tp = thread_binding(cpus, settings["reserved_cpus"], settings["tensor_parallel_size"])
     else:
         bind = str(settings["omp_threads_bind"])
         tp = (
