@@ -70,6 +70,47 @@ def changed_counts(log: Path) -> dict[str, int]:
     return {h: int(c) for h, c in re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", recap, re.M)}
 
 
+def summary(records: list[dict], command: str) -> str:
+    """Markdown table of one session's records, with the saving of building once computed."""
+    rows = [
+        "| hosts | cold site.yml (s) | of which vllm_build (s) | warm re-run (s) | changed (warm) |"
+        " building on every host adds (s of build work) |",
+        "|---|---|---|---|---|---|",
+    ]
+    by_hosts: dict[int, dict[str, dict]] = {}
+    for r in records:
+        by_hosts.setdefault(r["hosts"], {})[r["phase"]] = r
+    for n in sorted(by_hosts):
+        cold, warm = by_hosts[n].get("cold"), by_hosts[n].get("warm")
+        build = cold["roles_seconds"].get("vllm_build", 0.0) if cold else 0.0
+        rows.append(
+            f"| {n} | {cold['seconds'] if cold else '-'} | {build:.0f} | "
+            f"{warm['seconds'] if warm else '-'} | "
+            f"{sum(warm['changed'].values()) if warm else '-'} | {(n - 1) * build:.0f} |"
+        )
+    first = records[0] if records else {}
+    host = first.get("host", {})
+    return "\n".join(
+        [
+            "# Provisioning benchmark",
+            "",
+            f"Date {first.get('date')}, commit {first.get('commit')}, controller and hosts on one",
+            f"machine: {host.get('cpu')}, {host.get('cores')} cores, {host.get('memory_gib')} GiB.",
+            "",
+            *rows,
+            "",
+            "cold = `molecule converge` (site.yml on fresh systemd containers), warm =",
+            "`molecule idempotence` (the same playbook again, changed=0 required). vllm_build =",
+            "profile_roles' time of the build role, which runs once per fleet; the last column is",
+            "computed, not measured: (hosts - 1) x vllm_build, the build work that building on",
+            "every host would repeat.",
+            "",
+            f"Command: `{command}`",
+            "",
+        ]
+    )
+
+
 def git_commit() -> str:
     run = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
@@ -108,6 +149,7 @@ def main() -> None:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    session: list[dict] = []
     for n in args.hosts:
         scenario = f"provision-{n}"
         print(f"== {n} fresh host(s): scenario {scenario}", flush=True)
@@ -144,8 +186,12 @@ def main() -> None:
             with args.out.open("a") as out:
                 for record in records:
                     out.write(json.dumps(record) + "\n")
+            session.extend(records)
         finally:
             molecule("destroy", scenario, logs / f"{scenario}-destroy.log", env)
+    table = summary(session, "make bench-provision")
+    args.out.with_suffix(".md").write_text(table)
+    print(table, flush=True)
 
 
 if __name__ == "__main__":
