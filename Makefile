@@ -49,7 +49,7 @@ molecule: venv host-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/molecule.sh $(SCENARIO)
 
 # Benchmarks (issue #7; benchmarks/README.md). Not part of `make test`: they need a quiet machine,
-# build llama.cpp and a vLLM venv the first time (cached in .cache/bench), and take ~50 minutes.
+# build llama.cpp and a vLLM venv the first time (cached in .cache/bench); `make bench` ~45 minutes.
 # Extra options for benchmarks/serving.py: make bench BENCH_ARGS="--runs 5".
 BENCH_VENV ?= .cache/bench/tools-venv
 BENCH_ARGS ?=
@@ -66,7 +66,7 @@ bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
 
 # Cold site.yml on 1 and on 3 fresh systemd containers, then the warm re-run (benchmarks/molecule/,
-# Docker started and stopped by tests/molecule.sh). ~1 hour on 2 cores; not part of `make test`.
+# Docker started and stopped by tests/molecule.sh). ~26 minutes on 2 cores; not part of `make test`.
 bench-provision: venv host-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" MOLECULE_GLOB='benchmarks/molecule/*/molecule.yml' \
 	  bash tests/molecule.sh --exec $(BIN)/python benchmarks/provision.py
