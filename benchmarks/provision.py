@@ -86,7 +86,8 @@ def summary(records: list[dict], command: str) -> str:
         rows.append(
             f"| {n} | {cold['seconds'] if cold else '-'} | {build:.0f} | "
             f"{warm['seconds'] if warm else '-'} | "
-            f"{sum(warm['changed'].values()) if warm else '-'} | {(n - 1) * build:.0f} |"
+            f"{sum(warm['changed'].values()) if warm else '-'} | "
+            f"{f'{(n - 1) * build:.0f}' if cold else '-'} |"
         )
     first = records[0] if records else {}
     host = first.get("host", {})
@@ -189,7 +190,7 @@ def main() -> None:
             session.extend(records)
         finally:
             molecule("destroy", scenario, logs / f"{scenario}-destroy.log", env)
-    table = summary(session, "make bench-provision")
+    table = summary(session, " ".join(["python", "benchmarks/provision.py", *sys.argv[1:]]))
     args.out.with_suffix(".md").write_text(table)
     print(table, flush=True)
 

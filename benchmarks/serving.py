@@ -137,7 +137,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(
                 f"--tuned-set {item}: expected VAR=VALUE with VAR in roles/vllm_service/defaults"
             )
-        args.tuned_overrides[var] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            ap.error(f"--tuned-set {item}: VALUE is not YAML ({err})")
+        if parsed is None:
+            ap.error(f"--tuned-set {item}: VALUE is empty")
+        args.tuned_overrides[var] = parsed
+    if args.tuned_overrides and "tuned" not in args.configs:
+        ap.error("--tuned-set changes the tuned configuration, which --configs leaves out")
+    if args.tuned_overrides and args.results_dir.resolve() == RESULTS.resolve():
+        ap.error(
+            "--tuned-set: write the results elsewhere (--results-dir);"
+            " benchmarks/results/ holds the results of the role's defaults"
+        )
     return args
 
 
@@ -434,6 +447,15 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
         + ", ".join(f"{n} {k}" for n, k in session["params"]["runs_of"].items())
         + "; medians (min-max); each server started once"
         + (" per run." if session["params"]["restart_each_run"] else " per configuration."),
+        *(
+            [
+                "Role defaults overridden for tuned (--tuned-set): "
+                + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+                + "."
+            ]
+            if (overrides := session["params"].get("tuned_overrides"))
+            else []
+        ),
         "",
         "| configuration | dtype | decode tok/s (1 stream) | % of ceiling | ceiling tok/s"
         f" | TTFT {session['params']['prompt_tokens']}-token prompt (s) | "
