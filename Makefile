@@ -10,7 +10,7 @@ INVENTORY ?= inventory
 SCENARIO ?= --all
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: deploy test venv lint unit syntax molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision
+.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision
 
 $(BIN)/.installed: requirements-dev.txt requirements.yml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ venv: $(BIN)/.installed
 deploy: venv
 	$(BIN)/ansible-playbook site.yml -i $(INVENTORY)
 
-test: lint unit syntax molecule
+test: lint unit syntax collection molecule
 
 lint: venv host-deps
 	$(BIN)/yamllint --strict .
@@ -40,6 +40,20 @@ unit: venv
 
 syntax: venv
 	$(BIN)/ansible-playbook --syntax-check -i $(INVENTORY) site.yml playbooks/*.yml
+
+# The roles, playbooks and plugins as the Ansible collection vllm_cpu.fleet (galaxy.yml): built, installed
+# from the tarball into a scratch path, and its playbooks resolved by their collection names.
+COLLECTION_DIR := .cache/collection
+collection: venv
+	rm -rf $(COLLECTION_DIR)
+	$(BIN)/ansible-galaxy collection build --output-path $(COLLECTION_DIR)
+	$(BIN)/ansible-galaxy collection install --offline --no-deps -p $(COLLECTION_DIR)/installed $(COLLECTION_DIR)/vllm_cpu-fleet-*.tar.gz
+	# Nothing of the checkout (ansible.cfg, roles/, plugins/) helps: only the installed collection.
+	printf '[defaults]\n' > $(COLLECTION_DIR)/ansible.cfg
+	cd $(COLLECTION_DIR) && ANSIBLE_CONFIG=$(CURDIR)/$(COLLECTION_DIR)/ansible.cfg \
+	  ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/$(COLLECTION_DIR)/installed $(CURDIR)/$(BIN)/ansible-playbook --syntax-check \
+	  -i $(CURDIR)/inventory/hosts.yml vllm_cpu.fleet.site vllm_cpu.fleet.serve vllm_cpu.fleet.smoke
+	$(BIN)/python tests/check_collection.py $(COLLECTION_DIR)/installed/ansible_collections/vllm_cpu/fleet
 
 host-deps:
 	bash tests/host-deps.sh

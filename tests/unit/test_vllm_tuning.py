@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "roles/vllm_service/filter_plugins/vllm_tuning.py"
+_PATH = Path(__file__).resolve().parents[2] / "plugins/filter/vllm_tuning.py"
 _SPEC = importlib.util.spec_from_file_location("vllm_tuning", _PATH)
 assert _SPEC and _SPEC.loader
 tuning = importlib.util.module_from_spec(_SPEC)

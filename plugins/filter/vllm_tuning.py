@@ -1,0 +1,214 @@
+"""Serving settings computed from facts about a host and its model (filter ``vllm_tuning``).
+
+Pure functions, so that the sizing rules are unit-tested (tests/unit/test_vllm_tuning.py) and the
+numbers a preflight refusal gives are the numbers the unit gets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def choose_dtype(flags: list[str], requested: str) -> tuple[str, str]:
+    """Return the serving dtype and why it was chosen.
+
+    Native bf16 (AVX512_BF16 or AMX) makes bf16 the fastest. Plain AVX-512 converts bf16 with cheap
+    shifts, and decoding reads every weight once per token, so half the bytes wins. AVX2-only CPUs
+    have neither: see the role README for the measurement that decides them.
+    """
+    if requested != "auto":
+        return requested, "set by vllm_service_dtype"
+    have = set(flags)
+    if have & {"avx512_bf16", "amx_bf16"}:
+        return "bfloat16", "native bf16 instructions (avx512_bf16/amx_bf16)"
+    if "avx512f" in have:
+        return (
+            "bfloat16",
+            "AVX-512 converts bf16 cheaply; decode is memory-bound, bf16 halves the bytes",
+        )
+    return "float32", "no AVX-512: bf16 is emulated, fp32 computes faster (see README)"
+
+
+def _number(value: object, fallback: int) -> int:
+    """lscpu prints "-" (or null) for what the kernel does not report, e.g. NUMA in containers."""
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return fallback
+
+
+def physical_cores(cpus: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Map each NUMA node to the first logical CPU of each of its physical cores, sorted."""
+    nodes: dict[int, dict[tuple[int, int], int]] = {}
+    for cpu in cpus:
+        if str(cpu.get("online", "yes")).lower() in ("no", "false"):
+            continue
+        number = int(cpu["cpu"])
+        node = _number(cpu.get("node"), 0)
+        key = (_number(cpu.get("socket"), 0), _number(cpu.get("core"), number))
+        first = nodes.setdefault(node, {})
+        first[key] = min(first.get(key, number), number)
+    return {node: sorted(cores.values()) for node, cores in sorted(nodes.items())}
+
+
+def cpu_ranges(cpus: list[int]) -> str:
+    """Format CPU ids the way VLLM_CPU_OMP_THREADS_BIND expects them: ``1-7,9``."""
+    parts: list[str] = []
+    start = prev = None
+    for cpu in sorted(cpus):
+        if start is None:
+            start = prev = cpu
+        elif cpu == prev + 1:
+            prev = cpu
+        else:
+            parts.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = cpu
+    if start is not None:
+        parts.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ",".join(parts)
+
+
+# reserved_cpus auto: one core per rank for the API front end from this many physical cores per
+# rank on, none below. Measured on 2 cores (benchmarks/README.md, "Tuning the serving role"):
+# keeping one of two cores for the front end made prefill 1.8x slower and 16 streams 1.7x slower.
+# Where one core is a small share (vLLM's guide: 1 of 32), it keeps the front end responsive.
+RESERVE_FROM_CORES = 8
+
+
+def reserved_cores(reserved: str | int, rank_cores: int) -> int:
+    """Cores of one rank left to the API front end: the setting, or auto's rule."""
+    if str(reserved) == "auto":
+        return 1 if rank_cores >= RESERVE_FROM_CORES else 0
+    return int(reserved)
+
+
+def thread_binding(
+    cpus: list[dict[str, Any]], reserved: str | int, tensor_parallel: str | int
+) -> tuple[str, int]:
+    """Return VLLM_CPU_OMP_THREADS_BIND and the tensor-parallel size.
+
+    One OpenMP thread per physical core (hyper-thread siblings left out), one rank per NUMA node
+    when tensor_parallel is auto, and ``reserved`` cores per rank left to the API front end (vLLM's
+    recommendation; auto: 1 from RESERVE_FROM_CORES cores per rank on), unless that would leave a
+    rank without a core.
+    """
+    nodes = [cores for cores in physical_cores(cpus).values() if cores]
+    if not nodes:
+        return "auto", 1
+    tp = len(nodes) if str(tensor_parallel) == "auto" else max(1, int(tensor_parallel))
+    groups = nodes if tp == len(nodes) else _split([c for cores in nodes for c in cores], tp)
+    ranges = []
+    for g in groups:
+        keep = reserved_cores(reserved, len(g))
+        ranges.append(cpu_ranges(g[keep:] if len(g) > keep else g))
+    return "|".join(ranges), tp
+
+
+def _split(cores: list[int], parts: int) -> list[list[int]]:
+    """Split one node's cores into equal groups (tensor parallelism inside one NUMA node)."""
+    size = max(1, len(cores) // parts)
+    return [cores[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def vllm_tuning(
+    settings: dict[str, Any],
+    flags: list[str],
+    cpus: list[dict[str, Any]],
+    mem_total_mb: int,
+    model_config: dict[str, Any],
+    weights_bytes: int,
+) -> dict[str, Any]:
+    """Compute the serving settings and the memory budget of one host.
+
+    settings: dtype, kvcache_space_gib, max_model_len, max_num_seqs, omp_threads_bind,
+    reserved_cpus, tensor_parallel_size, memory_max, overhead_gib, system_reserve_gib
+    (each "auto" or a value).
+    """
+    dtype, dtype_reason = choose_dtype(flags, str(settings["dtype"]))
+    dtype_bytes = DTYPE_BYTES.get(dtype, 2)
+    text = model_config.get("text_config", model_config)
+    layers = int(text.get("num_hidden_layers", 0))
+    heads = int(text.get("num_attention_heads", 1))
+    kv_heads = int(text.get("num_key_value_heads", heads))
+    head_dim = int(text.get("head_dim") or text.get("hidden_size", 0) // max(heads, 1))
+    kv_per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    stored = DTYPE_BYTES.get(
+        str(text.get("torch_dtype", model_config.get("torch_dtype", dtype))), dtype_bytes
+    )
+    weights = int(weights_bytes * dtype_bytes / stored)
+    context = int(text.get("max_position_embeddings", 32768))
+    total = int(mem_total_mb) * 1024**2
+    overhead = float(settings["overhead_gib"]) * GIB
+    reserve = float(settings["system_reserve_gib"]) * GIB
+    seqs = int(settings["max_num_seqs"])
+
+    wanted_len = (
+        min(context, 8192)
+        if str(settings["max_model_len"]) == "auto"
+        else int(settings["max_model_len"])
+    )
+    if str(settings["kvcache_space_gib"]) == "auto":
+        free = total - reserve - overhead - weights
+        useful = seqs * wanted_len * kv_per_token
+        kv_gib = max(1, min(math.floor(free / 2 / GIB), math.ceil(useful / GIB)))
+    else:
+        kv_gib = int(settings["kvcache_space_gib"])
+    kv_tokens = kv_gib * GIB // kv_per_token if kv_per_token else 0
+    max_len = min(wanted_len, kv_tokens) if str(settings["max_model_len"]) == "auto" else wanted_len
+
+    need = weights + kv_gib * GIB + overhead
+    budget = total - reserve
+    bind, tp = ("", 1)
+    if str(settings["omp_threads_bind"]) == "auto":
+        bind, tp = thread_binding(cpus, settings["reserved_cpus"], settings["tensor_parallel_size"])
+    else:
+        bind = str(settings["omp_threads_bind"])
+        tp = (
+            1
+            if str(settings["tensor_parallel_size"]) == "auto"
+            else int(settings["tensor_parallel_size"])
+        )
+    memory_max = (
+        int(budget) if str(settings["memory_max"]) == "auto" else str(settings["memory_max"])
+    )
+    problems = []
+    if need > budget:
+        problems.append(
+            f"weights {weights / GIB:.2f} GiB + KV cache {kv_gib} GiB"
+            f" + runtime overhead {overhead / GIB:.1f} GiB = {need / GIB:.2f} GiB"
+            f" does not fit in {budget / GIB:.2f} GiB ({int(mem_total_mb)} MiB of memory"
+            f" minus {reserve / GIB:.1f} GiB kept for the system)"
+        )
+    if kv_per_token and max_len > kv_tokens:
+        problems.append(
+            f"one sequence of max_model_len {max_len} tokens needs"
+            f" {max_len * kv_per_token / GIB:.2f} GiB of KV cache ({kv_per_token} bytes per token),"
+            f" more than the {kv_gib} GiB configured ({kv_tokens} tokens)"
+        )
+    return {
+        "dtype": dtype,
+        "dtype_reason": dtype_reason,
+        "kvcache_space_gib": kv_gib,
+        "max_model_len": max_len,
+        "kv_bytes_per_token": kv_per_token,
+        "kv_tokens": kv_tokens,
+        "weights_gib": round(weights / GIB, 2),
+        "need_gib": round(need / GIB, 2),
+        "budget_gib": round(budget / GIB, 2),
+        "omp_threads_bind": bind,
+        "tensor_parallel_size": tp,
+        "memory_max": memory_max,
+        "problems": problems,
+    }
+
+
+class FilterModule:
+    """Ansible filter plugin entry point."""
+
+    def filters(self) -> dict[str, Any]:
+        """Name the filters this module provides."""
+        return {"vllm_tuning": vllm_tuning}
