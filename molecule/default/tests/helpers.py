@@ -1,8 +1,13 @@
-"""Helpers shared by the default scenario's tests: where a server listens, and its API key."""
+"""Helpers shared by the default scenario's tests: where a server listens, its API key, and a
+project playbook run against the scenario's hosts."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 
 def api(host) -> str:
@@ -14,5 +19,36 @@ def api(host) -> str:
 
 def api_key(host) -> str:
     """The API key, as the service reads it from its environment file."""
-    env = host.check_output("grep ^VLLM_API_KEY= /etc/vllm/vllm.env")
-    return env.split("=", 1)[1]
+    value = host.check_output("grep ^VLLM_API_KEY= /etc/vllm/vllm.env").split("=", 1)[1]
+    # written double-quoted, with \\ " ` $ backslash-escaped (systemd's EnvironmentFile syntax)
+    return re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value
+
+
+def run_playbook(
+    playbook: str,
+    *args: str,
+    extra_vars: dict | None = None,
+    inventories: tuple[str, ...] = (),
+    timeout: int = 1800,
+) -> tuple[int, str]:
+    """Run a playbook of the project (path from the project root) on the scenario's hosts, with more
+    ansible-playbook arguments, extra variables and inventory sources; return its exit code and its
+    output with white space folded (the YAML callback wraps long messages)."""
+    project = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+    sources = [os.environ["MOLECULE_INVENTORY_FILE"], *inventories]
+    run = subprocess.run(
+        [
+            "ansible-playbook",
+            *(arg for source in sources for arg in ("-i", source)),
+            *(["-e", json.dumps(extra_vars)] if extra_vars is not None else []),
+            *args,
+            str(project / playbook),
+        ],
+        cwd=project,
+        env=dict(os.environ, ANSIBLE_ROLES_PATH=str(project / "roles"), ANSIBLE_NOCOLOR="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return run.returncode, " ".join((run.stdout + run.stderr).split())

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+from base64 import b64decode
 
 import pytest
 import testinfra.utils.ansible_runner
@@ -95,6 +96,20 @@ def test_environment_file_is_private(host) -> None:
     assert env.user == "root"
     assert env.group == "vllm"
     assert env.mode == 0o640
+
+
+def test_environment_values_cannot_inject_a_variable(host) -> None:
+    # molecule.yml's probe value holds quotes, a backtick, a dollar, a backslash and a newline
+    # followed by VLLM_API_KEY=injected: systemd must read it back as one value, the key unchanged
+    raw = host.check_output(
+        "base64 -w0 /proc/%s/environ",
+        host.check_output("systemctl show --property MainPID --value vllm"),
+    )
+    environ = dict(i.split("=", 1) for i in b64decode(raw).decode().split("\0") if "=" in i)
+    assert environ["VLLM_FLEET_QUOTING_PROBE"] == (
+        'a "quoted" `word` $HOME \\ end\nVLLM_API_KEY=injected'
+    )
+    assert environ["VLLM_API_KEY"] == api_key(host) != "injected"
 
 
 def test_unit_is_enabled_active_and_runs_as_the_service_user(host) -> None:

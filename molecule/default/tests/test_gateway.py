@@ -32,6 +32,10 @@ URL = f"https://{GATEWAY}"
 CA = "/etc/nginx/vllm-gateway/tls/gateway.crt"
 INTERNAL = "http://127.0.0.1:8090"
 SERVED_NAME = "Qwen/Qwen2.5-1.5B-Instruct"
+# Where the tests put the gateway's certificate on OUTSIDE.
+OUTSIDE_CA = "/tmp/gateway-ca.crt"
+# The page's login, as in molecule.yml (group_vars gateway; Molecule reads its $$ as $).
+WEBUI_USER, WEBUI_PASSWORD = "tester", 'pa ss"wo`rd$1\\x'
 VLLM_PORT = 8000
 RESTART_TIMEOUT = 300
 
@@ -59,22 +63,39 @@ class Reply:
 
 
 def _curl(
-    host, url: str, *, key: str | None = KEY, body: dict | None = None, method: str = ""
+    host,
+    url: str,
+    *,
+    key: str | None = KEY,
+    body: dict | None = None,
+    method: str = "",
+    ca: str = CA,
+    extra: tuple[str, ...] = (),
 ) -> Reply:
-    """One request from `host`, TLS verified against the gateway's certificate; bounded in time."""
-    args = ["--silent", "--show-error", "--max-time", "120", "--include", "--cacert", CA]
+    """One request from `host`, TLS verified against the gateway's certificate (at `ca` on that
+    host); bounded in time. `extra`: more curl arguments (each one argument, quoted here)."""
+    args = ["--silent", "--show-error", "--max-time", "120", "--include", "--cacert", ca]
     if key is not None:
         args += ["--header", f"Authorization: Bearer {key}"]
     if body is not None:
         args += ["--header", "Content-Type: application/json", "--data", json.dumps(body)]
     if method:
         args += ["--request", method]
+    args += list(extra)
     cmd = host.run("curl " + " ".join(["%s"] * (len(args) + 1)), *args, url)
     assert cmd.rc == 0, cmd.stderr
     head, _, text = cmd.stdout.replace("\r\n", "\n").partition("\n\n")
     status_line, *lines = head.splitlines()
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     return Reply(int(status_line.split()[1]), headers, text)
+
+
+def _outside(gateway) -> testinfra.host.Host:
+    """The client elsewhere on the network, with the gateway's certificate as its trust anchor."""
+    outside = testinfra.get_host(f"ansible://{OUTSIDE}?ansible_inventory={INVENTORY}")
+    pem = gateway.file(CA).content_string
+    assert outside.run("printf '%%s' %s > %s", pem, OUTSIDE_CA).rc == 0
+    return outside
 
 
 def _answered_by(reply: Reply) -> str:
@@ -137,20 +158,42 @@ def test_api_key_and_tls_key_files_are_private(host) -> None:
     assert KEY not in host.file("/etc/nginx/conf.d/vllm-gateway.conf").content_string
 
 
-def test_certificate_names_the_gateway(host) -> None:
+def _address_seen_from_outside(outside) -> str:
+    """The gateway's IPv4 address on the test network, as another host resolves its name."""
+    return outside.check_output("getent ahostsv4 %s", GATEWAY).split()[0]
+
+
+def test_certificate_names_the_gateway_by_name_and_by_address(host) -> None:
+    # vllm_gateway_tls_names' default: the inventory name and every address of the host
     sans = host.check_output("openssl x509 -in %s -noout -ext subjectAltName", CA)
-    assert f"DNS:{GATEWAY}" in sans
+    names = {item.strip() for item in sans.splitlines()[-1].split(",")}
+    assert f"DNS:{GATEWAY}" in names, sans
+    assert f"IP Address:{_address_seen_from_outside(_outside(host))}" in names, sans
+    assert "IP Address:127.0.0.1" in names, sans
 
 
 def test_a_client_elsewhere_on_the_network_verifies_the_gateway(host) -> None:
-    outside = testinfra.get_host(f"ansible://{OUTSIDE}?ansible_inventory={INVENTORY}")
-    pem = host.file(CA).content_string
-    assert outside.run("printf '%%s' %s > /tmp/gateway-ca.crt", pem).rc == 0
+    outside = _outside(host)
     cmd = outside.run(
-        "curl --silent --show-error --max-time 60 --cacert /tmp/gateway-ca.crt"
+        "curl --silent --show-error --max-time 60 --cacert %s"
         " --header %s --write-out '%%{http_code}' --output /dev/null %s",
+        OUTSIDE_CA,
         f"Authorization: Bearer {KEY}",
         f"{URL}/v1/models",
+    )
+    assert cmd.rc == 0, cmd.stderr
+    assert cmd.stdout == "200"
+
+
+def test_a_client_elsewhere_verifies_the_gateway_by_its_address(host) -> None:
+    # curl checks the address against the certificate's IP SANs (no --insecure, no --resolve)
+    outside = _outside(host)
+    address = _address_seen_from_outside(outside)
+    cmd = outside.run(
+        "curl --silent --show-error --max-time 60 --cacert %s"
+        " --write-out '%%{http_code}' --output /dev/null %s",
+        OUTSIDE_CA,
+        f"https://{address}/health",
     )
     assert cmd.rc == 0, cmd.stderr
     assert cmd.stdout == "200"
@@ -319,21 +362,72 @@ def test_both_servers_answer_again_after_the_restart(host) -> None:
     _assert_spread_over_all_servers(host)
 
 
-def test_web_ui_is_served_under_the_root_when_it_runs(host) -> None:
-    if host.run("curl --silent --max-time 5 --output /dev/null http://127.0.0.1:7860/").rc != 0:
-        pytest.skip("no web UI on 127.0.0.1:7860 in this scenario")
+def test_web_ui_is_served_under_the_root(host) -> None:
+    # the page must run in this scenario: a dead page fails here
     page = _curl(host, f"{URL}/", key=None)
-    assert page.status == 200
+    assert page.status == 200, page.body[:500]
     assert page.headers["content-type"].startswith("text/html")
-    # Gradio builds its URLs from X-Forwarded-Host/-Proto: the page must point at the gateway
+
+
+def test_web_ui_config_is_behind_the_login_and_points_at_the_gateway(host) -> None:
+    # without the login, Gradio keeps its config from strangers
     config = _curl(host, f"{URL}/config", key=None)
-    if config.status == 401:
-        # behind the page's login (this scenario) Gradio keeps its config from strangers; the page
-        # itself is driven through the gateway by tests/webui (VLLM_WEBUI_TEST_URL)
-        assert "Not authenticated" in config.body
-    else:
-        assert config.status == 200
+    assert config.status == 401
+    assert "Not authenticated" in config.body
+    # logged in (Gradio's login form, then its cookie): URLs built from X-Forwarded-Host/-Proto
+    jar = "/tmp/webui-test-cookies"
+    try:
+        login = _curl(
+            host,
+            f"{URL}/login",
+            key=None,
+            extra=(
+                "--cookie-jar",
+                jar,
+                "--data-urlencode",
+                f"username={WEBUI_USER}",
+                "--data-urlencode",
+                f"password={WEBUI_PASSWORD}",
+            ),
+        )
+        assert login.status == 200, login.body
+        config = _curl(host, f"{URL}/config", key=None, extra=("--cookie", jar))
+        assert config.status == 200, config.body[:500]
         assert config.json()["root"] == URL
+    finally:
+        host.run("rm -f %s", jar)
+
+
+# Gradio's API behind the page, asked with no login and no key from another host: each is refused
+# (Gradio's login: 401; the gateway's denial of Gradio's scripting API: 404), never runs the chat.
+_CHAT_DATA = ["Hello", [], SERVED_NAME, "You are a helpful assistant.", 0.7, 0.8, 8, 1.05]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/config", None),
+        ("GET", "/gradio_api/info", None),
+        ("GET", "/gradio_api/openapi.json", None),
+        ("POST", "/gradio_api/call/respond", {"data": _CHAT_DATA}),
+        ("POST", "/gradio_api/call/chat", {"data": _CHAT_DATA}),
+        ("POST", "/gradio_api/run/respond", {"data": _CHAT_DATA}),
+        (
+            "POST",
+            "/gradio_api/queue/join",
+            {"data": _CHAT_DATA, "fn_index": 0, "session_hash": "strangerzzz1", "event_data": None},
+        ),
+        ("GET", "/gradio_api/queue/data?session_hash=strangerzzz1", None),
+    ],
+    ids=["config", "info", "openapi", "call-respond", "call-chat", "run-respond", "join", "data"],
+)
+def test_gradio_api_is_closed_to_a_stranger(
+    host, method: str, path: str, body: dict | None
+) -> None:
+    reply = _curl(_outside(host), URL + path, key=None, body=body, method=method, ca=OUTSIDE_CA)
+    assert reply.status != 200, reply.body[:500]
+    assert reply.status in (401, 403, 404), reply.body[:500]
+    assert "event_id" not in reply.body
 
 
 def test_logs_never_hold_the_api_key(host) -> None:

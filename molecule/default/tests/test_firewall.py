@@ -1,0 +1,138 @@
+"""Only the gateway reaches vLLM: each server's host firewall, probed from the outside.
+
+vLLM's API key guards /v1/* only (/invocations, /tokenize, /metrics answer without it), so while the
+servers listen on their network address the vllm_service role lets only loopback, the gateway hosts
+and its allowlist (here: the controller, which stands for the monitoring hosts) reach port 8000.
+Probes go from hf-standin (a host of the test network that is neither the gateway nor a server),
+from the gateway, and from the server itself; one test reboots a server (restarts its container) and
+probes again. Traffic stays inside the test containers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+from helpers import api, api_key
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+SERVERS = RUNNER.get_hosts("vllm_servers")
+testinfra_hosts = SERVERS
+GATEWAY = testinfra.get_host(
+    f"ansible://{RUNNER.get_hosts('gateway')[0]}?ansible_inventory={INVENTORY}"
+)
+OUTSIDE = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
+# curl's exit code for "Failed to connect": the firewall answers with a TCP reset (not a time-out).
+REFUSED = 7
+BOOT_TIMEOUT = 600
+
+# vLLM paths that answer without the key, and one that needs it.
+PROBES = [
+    ("POST", "/invocations"),
+    ("POST", "/tokenize"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+]
+
+
+def _probe(client, base: str, method: str, path: str, key: str | None = None) -> tuple[int, str]:
+    """One bounded request from `client`; (curl's exit code, HTTP status)."""
+    args = ["--silent", "--max-time", "20", "--output", "/dev/null"]
+    args += ["--write-out", "%{http_code}", "--request", method]
+    if method == "POST":
+        args += ["--header", "Content-Type: application/json", "--data", '{"prompt": "hi"}']
+    if key:
+        args += ["--header", f"Authorization: Bearer {key}"]
+    cmd = client.run("curl " + " ".join(["%s"] * (len(args) + 1)), *args, base + path)
+    return cmd.rc, cmd.stdout
+
+
+@pytest.mark.parametrize(("method", "path"), PROBES)
+def test_a_host_that_is_not_the_gateway_is_refused(host, method: str, path: str) -> None:
+    rc, status = _probe(OUTSIDE, api(host), method, path, key=api_key(host))
+    assert (rc, status) == (REFUSED, "000")
+
+
+@pytest.mark.parametrize(("method", "path"), PROBES)
+def test_the_gateway_reaches_every_path(host, method: str, path: str) -> None:
+    rc, status = _probe(GATEWAY, api(host), method, path, key=api_key(host))
+    assert rc == 0
+    # an HTTP answer from vLLM itself (a bad body may be refused, but the request got there)
+    assert status != "000" and int(status) < 500, status
+    if path in ("/v1/models", "/metrics"):
+        assert status == "200"
+
+
+def test_the_server_reaches_itself(host) -> None:
+    # its own address goes through loopback (the role's health gate asks this way)
+    assert _probe(host, api(host), "GET", "/health") == (0, "200")
+
+
+def test_rules_are_the_roles_own_table_loaded_by_an_enabled_unit(host) -> None:
+    firewall = host.service("vllm-firewall")
+    assert firewall.is_enabled
+    assert host.run("systemctl is-active vllm-firewall").stdout.strip() == "active"
+    table = host.check_output("nft list table inet vllm")
+    assert "tcp dport 8000" in table and "reject with tcp reset" in table
+    # vLLM starts only after its firewall and checks the table is there (fail closed)
+    unit = host.file("/etc/systemd/system/vllm.service").content_string
+    assert "After=network-online.target vllm-firewall.service" in unit
+    assert "nft list table inet" in unit
+
+
+def test_rules_coexist_with_a_table_of_the_host(host) -> None:
+    # a table the host had before (or adds later) is left alone by a reload of the role's rules
+    host.check_output("nft add table inet host_rules_probe")
+    try:
+        host.check_output("systemctl reload vllm-firewall")
+        assert "table inet host_rules_probe" in host.check_output("nft list tables")
+        assert "table inet vllm" in host.check_output("nft list tables")
+    finally:
+        host.run("nft delete table inet host_rules_probe")
+
+
+# One server is rebooted (restarting both would double the wait on a 2-core machine).
+REBOOTED = testinfra.get_host(f"ansible://{SERVERS[-1]}?ansible_inventory={INVENTORY}")
+
+
+def _healthy_from_the_gateway(server) -> bool:
+    return _probe(GATEWAY, api(server), "GET", "/health") == (0, "200")
+
+
+@pytest.fixture
+def rebooted() -> Iterator[str]:
+    """Restart the server's container (a reboot); afterwards wait until it serves again, whatever
+    the test found, so that the next test finds a serving fleet. Yields the server's base URL."""
+    base = api(REBOOTED)
+    run = subprocess.run(
+        ["docker", "restart", "--time", "90", SERVERS[-1]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    yield base
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while not _healthy_from_the_gateway(REBOOTED):
+        assert time.monotonic() < deadline, f"{SERVERS[-1]}: no /health {BOOT_TIMEOUT} s after boot"
+        time.sleep(5)
+
+
+def test_after_a_reboot_the_port_is_still_closed_to_others(rebooted: str) -> None:
+    # the rules are loaded at boot, before vLLM listens: probe while it starts and once it serves
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while not _healthy_from_the_gateway(REBOOTED):
+        assert time.monotonic() < deadline, "vLLM did not come back after the reboot"
+        assert _probe(OUTSIDE, rebooted, "GET", "/health")[0] == REFUSED
+        time.sleep(5)
+    for method, path in PROBES:
+        assert _probe(OUTSIDE, rebooted, method, path)[0] == REFUSED, path
+    assert REBOOTED.service("vllm-firewall").is_enabled
+    assert "table inet vllm" in REBOOTED.check_output("nft list tables")

@@ -1,0 +1,115 @@
+"""Fleet metrics and alerts: Prometheus on the monitoring host (gw-1) scrapes both servers' vLLM
+metrics and every host's node exporter, its rules passed promtool, and the server-down alert fires
+when a server stops (the fixture starts it again). Exporter ports are refused to other hosts.
+Traffic stays inside the test containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+from urllib.parse import quote
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+from helpers import api
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+testinfra_hosts = RUNNER.get_hosts("monitoring")
+SERVERS = RUNNER.get_hosts("vllm_servers")
+OUTSIDE = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
+PROMETHEUS = "http://127.0.0.1:9090"
+ALERT_TIMEOUT = 180
+T = TypeVar("T")
+
+
+def _query(host, promql: str) -> list[dict]:
+    out = host.check_output(
+        "curl --silent --fail --max-time 10 %s", f"{PROMETHEUS}/api/v1/query?query={quote(promql)}"
+    )
+    return json.loads(out)["data"]["result"]
+
+
+def _eventually(probe: Callable[[], T], timeout: float = 120) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(3)
+
+
+def test_prometheus_runs_on_loopback_only(host) -> None:
+    assert host.service("prometheus").is_enabled
+    assert host.service("prometheus").is_running
+    assert host.socket("tcp://127.0.0.1:9090").is_listening
+    assert not host.socket("tcp://0.0.0.0:9090").is_listening
+
+
+def test_the_installed_rules_pass_promtool(host) -> None:
+    out = host.check_output("promtool check rules /etc/prometheus/vllm-fleet.rules.yml")
+    assert "5 rules found" in out
+    assert host.run("promtool check config /etc/prometheus/prometheus.yml").rc == 0
+
+
+def test_both_servers_vllm_metrics_are_scraped(host) -> None:
+    def up() -> dict[str, str]:
+        return {r["metric"]["host"]: r["value"][1] for r in _query(host, 'up{job="vllm"}')}
+
+    assert _eventually(lambda: up() == dict.fromkeys(SERVERS, "1")), up()
+    running = _query(host, "vllm:num_requests_running")
+    assert {r["metric"]["host"] for r in running} == set(SERVERS)
+    assert {r["metric"]["host"] for r in _query(host, "vllm:kv_cache_usage_perc")} == set(SERVERS)
+
+
+def test_every_hosts_node_exporter_is_scraped(host) -> None:
+    expected = set(SERVERS) | set(RUNNER.get_hosts("gateway"))
+
+    def up() -> set[str]:
+        return {r["metric"]["host"] for r in _query(host, 'up{job="node"} == 1')}
+
+    assert _eventually(lambda: up() == expected), up()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_node_exporter_is_refused_to_other_hosts(server: str) -> None:
+    address = api(testinfra.get_host(f"ansible://{server}?ansible_inventory={INVENTORY}"))
+    address = address.split("//")[1].rsplit(":", 1)[0]
+    cmd = OUTSIDE.run(
+        "curl --silent --max-time 10 --output /dev/null http://%s:9100/metrics", address
+    )
+    assert cmd.rc == 7  # a TCP reset from the firewall
+
+
+@pytest.fixture
+def stopped_server() -> Iterator[str]:
+    """Stop vLLM on the last server; start it again and wait until it answers, whatever happened."""
+    name = SERVERS[-1]
+    server = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+    server.check_output("systemctl stop vllm")
+    try:
+        yield name
+    finally:
+        server.run("systemctl reset-failed vllm")
+        server.check_output("systemctl start vllm")
+        deadline = time.monotonic() + 600
+        while server.run("curl --silent --fail --max-time 5 %s/health", api(server)).rc != 0:
+            assert time.monotonic() < deadline, f"{name}: no /health after its restart"
+            time.sleep(5)
+
+
+def test_the_server_down_alert_fires_when_a_server_stops(host, stopped_server: str) -> None:
+    def firing() -> list[str]:
+        out = host.check_output("curl --silent --fail --max-time 10 %s/api/v1/alerts", PROMETHEUS)
+        return [
+            a["labels"].get("host", "")
+            for a in json.loads(out)["data"]["alerts"]
+            if a["labels"]["alertname"] == "VllmServerDown" and a["state"] == "firing"
+        ]
+
+    assert _eventually(firing, ALERT_TIMEOUT) == [stopped_server]

@@ -1,0 +1,154 @@
+"""Bad input on one host stops the run for every host before anything changes; no path skips the
+health gate; a server whose model folder vanished says so and stops restarting.
+
+Each test reads every server's unit and environment file (sha256) and vLLM's main pid before and
+after, from the outside, and restores what it breaks in a fixture. Runs ansible-playbook against the
+scenario's containers; traffic stays inside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+from helpers import api, run_playbook
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
+HOSTS = {
+    name: testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}") for name in SERVERS
+}
+BAD, GOOD = SERVERS[-1], SERVERS[0]
+START_TIMEOUT = 600
+
+
+def _playbook(
+    playbook: str, *args: str, host_vars: dict | None = None, **extra: object
+) -> tuple[int, str]:
+    """Run a playbook on the scenario; `host_vars` go to BAD only (a second inventory source)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as extra_inventory:
+        json.dump({"all": {"hosts": {BAD: host_vars or {}}}}, extra_inventory)
+    try:
+        return run_playbook(
+            playbook, *args, extra_vars=extra, inventories=(extra_inventory.name,), timeout=1200
+        )
+    finally:
+        os.unlink(extra_inventory.name)
+
+
+def _state() -> dict[str, tuple[str, str, str]]:
+    """Per server: sha256 of the unit and of the environment file, and vLLM's main pid."""
+    return {
+        name: (
+            host.file("/etc/systemd/system/vllm.service").sha256sum,
+            host.file("/etc/vllm/vllm.env").sha256sum,
+            host.check_output("systemctl show --property MainPID --value vllm"),
+        )
+        for name, host in HOSTS.items()
+    }
+
+
+def _serving(host) -> bool:
+    return host.run("curl --silent --fail --max-time 5 %s/health", api(host)).rc == 0
+
+
+# A change every server would get if the run went on: a different unit everywhere.
+CHANGE = {"vllm_service_max_num_seqs": 15}
+
+
+@pytest.mark.parametrize(
+    ("playbook", "bad_value", "message"),
+    [
+        # the argument spec (type) in site.yml's preflight
+        ("site.yml", {"vllm_service_port": "eighty"}, "vllm_service_port"),
+        # a settings check in site.yml's preflight
+        ("site.yml", {"vllm_service_kvcache_space_gib": 100000}, "does not fit"),
+        # the memory budget (weights + KV cache + overhead): every server, before the rollout
+        ("playbooks/serve.yml", {"vllm_service_kvcache_space_gib": "MEM-1"}, "does not fit in"),
+    ],
+    ids=["argument-spec", "settings", "memory-budget"],
+)
+def test_bad_value_on_one_host_leaves_every_host_unchanged(
+    playbook: str, bad_value: dict, message: str
+) -> None:
+    if bad_value.get("vllm_service_kvcache_space_gib") == "MEM-1":
+        total_gib = int(
+            HOSTS[BAD].check_output("awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo")
+        )
+        bad_value = {"vllm_service_kvcache_space_gib": total_gib - 1}
+    before = _state()
+    rc, out = _playbook(playbook, host_vars=bad_value, **CHANGE)
+    assert rc != 0
+    assert message in out, out[-3000:]
+    assert "Write the systemd unit" not in out
+    assert _state() == before
+    assert all(_serving(host) for host in HOSTS.values())
+
+
+@pytest.fixture
+def bad_server_restored() -> Iterator[None]:
+    """Whatever the test did to BAD's unit, a good run of the service stage restores it."""
+    yield
+    rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
+    assert rc == 0, out[-3000:]
+    assert _serving(HOSTS[BAD])
+
+
+def test_the_configure_tag_runs_the_health_gate(bad_server_restored: None) -> None:
+    # the README's one-stage command: a unit vLLM cannot start must fail the run at the gate
+    rc, out = _playbook(
+        "playbooks/serve.yml",
+        "--limit",
+        BAD,
+        "--tags",
+        "vllm_service_configure",
+        vllm_service_extra_args=["--no-such-option"],
+        vllm_service_start_timeout=60,
+    )
+    assert rc != 0
+    assert "Write the systemd unit" in out
+    assert "did not answer" in out and "Last lines of its journal" in out
+
+
+@pytest.fixture
+def vanished_model() -> Iterator[str]:
+    """Move BAD's served model folder away; put it back and start vLLM again afterwards."""
+    host = HOSTS[BAD]
+    unit = host.file("/etc/systemd/system/vllm.service").content_string
+    folder = unit.split(" serve ", 1)[1].split('"')[1]
+    host.check_output("mv %s %s.aside", folder, folder)
+    try:
+        yield folder
+    finally:
+        host.run("mv %s.aside %s", folder, folder)
+        host.run("systemctl reset-failed vllm")
+        host.run("systemctl restart vllm")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _serving(host):
+            assert time.monotonic() < deadline, f"{BAD}: no /health after the model came back"
+            time.sleep(5)
+
+
+def test_a_vanished_model_folder_is_named_and_the_restarts_stop(vanished_model: str) -> None:
+    host = HOSTS[BAD]
+    host.run("systemctl restart vllm")
+    # systemd 252 has no restart back-off: the start limit (5 starts) ends the loop within a minute
+    deadline = time.monotonic() + 180
+    while host.run("systemctl is-failed --quiet vllm").rc != 0:
+        assert time.monotonic() < deadline, "vllm kept restarting"
+        time.sleep(5)
+    assert host.check_output("systemctl show --property Result --value vllm") == "start-limit-hit"
+    journal = host.check_output("journalctl --unit vllm --since '-5min' --no-pager --output cat")
+    assert f"model folder {vanished_model} is missing" in journal
+    assert "repo id" not in journal.lower()
+    restarts = host.check_output("systemctl show --property NRestarts --value vllm")
+    time.sleep(15)
+    assert host.check_output("systemctl show --property NRestarts --value vllm") == restarts
