@@ -2,7 +2,7 @@
 
 recipe    `vllm serve MODEL --served-model-name ... --port P`: vLLM's defaults, as the hand recipe.
 tuned     what roles/vllm_service writes for this host: the tuning of its filter plugin
-          (roles/vllm_service/filter_plugins/vllm_tuning.py, called from tasks/tune.yml) fed this
+          (plugins/filter/vllm_tuning.py, called from tasks/tune.yml) fed this
           host's facts as Ansible gathers them, the flags of templates/vllm.service.j2 and the
           variables of templates/vllm.env.j2, with the role's defaults (defaults/main.yml).
 llamacpp  llama.cpp's llama-server on the same weights as GGUF at the weights' precision.
@@ -10,9 +10,11 @@ llamacpp  llama.cpp's llama-server on the same weights as GGUF at the weights' p
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +51,21 @@ class ServerConfig:
     nofile: int | None = None  # RLIMIT_NOFILE soft limit to start with (the unit's LimitNOFILE)
 
 
+def short_tmp(state: Path) -> Path:
+    """A private temporary folder with a short path, one per server state folder: vLLM makes its ZMQ
+    IPC sockets in TMPDIR, and a socket path longer than 107 characters stops it from starting, so
+    TMPDIR must not depend on the checkout's path: /tmp/vb-<10 hex digits>, made anew each time."""
+    path = Path("/tmp") / f"vb-{hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:10]}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    return path
+
+
 def clean_env(home: Path) -> dict[str, str]:
-    """The caller's environment without what tunes a server, with its own HOME and TMPDIR."""
+    """The caller's environment without what tunes a server; its own HOME and a short TMPDIR."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROP_PREFIXES)}
-    env.update(HOME=str(home), TMPDIR=str(home / "tmp"))
-    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    env.update(HOME=str(home), TMPDIR=str(short_tmp(home)))
     return env
 
 
@@ -99,7 +111,7 @@ def recipe(python: Path, model: Path, port: int, state: Path, kvcache_gib: int) 
 
 def load_tuning_module() -> ModuleType:
     """The role's filter plugin, imported from its path (the code Ansible runs)."""
-    path = REPO / "roles" / "vllm_service" / "filter_plugins" / "vllm_tuning.py"
+    path = REPO / "plugins" / "filter" / "vllm_tuning.py"
     spec = importlib.util.spec_from_file_location("vllm_tuning", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -213,7 +225,7 @@ def tuned(
 
     # templates/vllm.env.j2, with the state and cache folders under the benchmark's state folder.
     state_dir, cache_dir = state / "state", state / "cache"
-    (state_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     env = {"PATH": SYSTEMD_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
     env["VLLM_CPU_KVCACHE_SPACE"] = str(tuning["kvcache_space_gib"])
@@ -224,7 +236,7 @@ def tuned(
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.update(
         HOME=str(state_dir),
-        TMPDIR=str(state_dir / "tmp"),
+        TMPDIR=str(short_tmp(state_dir)),
         XDG_CACHE_HOME=str(cache_dir),
         VLLM_CACHE_ROOT=str(cache_dir / "vllm"),
         HF_HOME=str(cache_dir / "huggingface"),
