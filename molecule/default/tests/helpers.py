@@ -19,9 +19,12 @@ def api(host) -> str:
 
 def api_key(host) -> str:
     """The API key, as the service reads it from its environment file."""
-    value = host.check_output("grep ^VLLM_API_KEY= /etc/vllm/vllm.env").split("=", 1)[1]
-    # written double-quoted, with \\ " ` $ backslash-escaped (systemd's EnvironmentFile syntax)
-    return re.sub(r"\\(.)", r"\1", value[1:-1]) if value.startswith('"') else value
+    # written double-quoted, with \\ " ` $ backslash-escaped (systemd's EnvironmentFile syntax); a
+    # value of another variable may hold "VLLM_API_KEY=" after a newline (test_default.py's probe)
+    env = host.file("/etc/vllm/vllm.env").content_string
+    found = re.search(r'^VLLM_API_KEY="((?:[^"\\]|\\.)*)"$', env, re.MULTILINE)
+    assert found, "no VLLM_API_KEY in /etc/vllm/vllm.env"
+    return re.sub(r"\\(.)", r"\1", found.group(1))
 
 
 def run_playbook(

@@ -101,11 +101,7 @@ def test_environment_file_is_private(host) -> None:
 def test_environment_values_cannot_inject_a_variable(host) -> None:
     # molecule.yml's probe value holds quotes, a backtick, a dollar, a backslash and a newline
     # followed by VLLM_API_KEY=injected: systemd must read it back as one value, the key unchanged
-    raw = host.check_output(
-        "base64 -w0 /proc/%s/environ",
-        host.check_output("systemctl show --property MainPID --value vllm"),
-    )
-    environ = dict(i.split("=", 1) for i in b64decode(raw).decode().split("\0") if "=" in i)
+    environ = _env(host)
     assert environ["VLLM_FLEET_QUOTING_PROBE"] == (
         'a "quoted" `word` $HOME \\ end\nVLLM_API_KEY=injected'
     )
@@ -226,9 +222,10 @@ def test_model_folder_holds_real_weights_not_lfs_pointers(host) -> None:
 
 
 def _env(host) -> dict[str, str]:
-    """The service's environment file as a dict."""
-    lines = host.check_output("grep -v '^#' /etc/vllm/vllm.env").splitlines()
-    return dict(line.split("=", 1) for line in lines if "=" in line)
+    """The environment vLLM runs with, as systemd read it from the environment file."""
+    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    raw = host.check_output("base64 -w0 /proc/%s/environ", pid)
+    return dict(i.split("=", 1) for i in b64decode(raw).decode().split("\0") if "=" in i)
 
 
 def test_tuning_is_computed_from_the_host(host) -> None:

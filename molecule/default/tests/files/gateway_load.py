@@ -43,7 +43,7 @@ def _one(args: argparse.Namespace, ctx: ssl.SSLContext, stream: bool) -> str:
         )
         resp = conn.getresponse()
         text = resp.read().decode()
-    except (OSError, http.client.HTTPException) as error:
+    except Exception as error:  # whatever breaks a request counts as a failure, never as silence
         return f"failed: {type(error).__name__}: {error}"
     finally:
         conn.close()
