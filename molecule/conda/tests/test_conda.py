@@ -66,7 +66,8 @@ def test_conda_activate_works_in_an_admin_shell(host) -> None:
 def test_service_runs_vllm_from_the_conda_environment(host) -> None:
     pid = host.check_output("systemctl show --property MainPID --value vllm")
     cmdline = host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid).split()
-    assert cmdline[0] == f"{ENV}/bin/python"
+    # `vllm serve`: the console script's interpreter (its shebang names python3) of the environment
+    assert cmdline[0] in (f"{ENV}/bin/python", f"{ENV}/bin/python3")
     assert host.run("runuser -u vllm -- test -w %s", ENV).rc != 0
 
 
