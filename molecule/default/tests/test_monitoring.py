@@ -86,9 +86,25 @@ def test_node_exporter_is_refused_to_other_hosts(server: str) -> None:
     assert cmd.rc == 7  # a TCP reset from the firewall
 
 
+def _server_down_alerts(host, *states: str) -> list[str]:
+    """Hosts with a VllmServerDown alert in one of the given states, as Prometheus reports them."""
+    out = host.check_output("curl --silent --fail --max-time 10 %s/api/v1/alerts", PROMETHEUS)
+    return sorted(
+        a["labels"].get("host", "")
+        for a in json.loads(out)["data"]["alerts"]
+        if a["labels"]["alertname"] == "VllmServerDown" and a["state"] in states
+    )
+
+
 @pytest.fixture
-def stopped_server() -> Iterator[str]:
-    """Stop vLLM on the last server; start it again and wait until it answers, whatever happened."""
+def stopped_server(host) -> Iterator[str]:
+    """Stop vLLM on the last server; start it again and wait until it answers, whatever happened.
+
+    An earlier test may have stopped a server: its alert resolves only at the rule evaluation
+    after the next good scrape, so wait until no server-down alert is pending or firing first."""
+    assert _eventually(lambda: not _server_down_alerts(host, "pending", "firing"), ALERT_TIMEOUT), (
+        _server_down_alerts(host, "pending", "firing")
+    )
     name = SERVERS[-1]
     server = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
     server.check_output("systemctl stop vllm")
@@ -104,12 +120,5 @@ def stopped_server() -> Iterator[str]:
 
 
 def test_the_server_down_alert_fires_when_a_server_stops(host, stopped_server: str) -> None:
-    def firing() -> list[str]:
-        out = host.check_output("curl --silent --fail --max-time 10 %s/api/v1/alerts", PROMETHEUS)
-        return [
-            a["labels"].get("host", "")
-            for a in json.loads(out)["data"]["alerts"]
-            if a["labels"]["alertname"] == "VllmServerDown" and a["state"] == "firing"
-        ]
-
-    assert _eventually(firing, ALERT_TIMEOUT) == [stopped_server]
+    firing = _eventually(lambda: _server_down_alerts(host, "firing"), ALERT_TIMEOUT)
+    assert firing == [stopped_server]
