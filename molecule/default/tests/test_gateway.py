@@ -394,6 +394,13 @@ def test_web_ui_config_is_behind_the_login_and_points_at_the_gateway(host) -> No
         config = _curl(host, f"{URL}/config", key=None, extra=("--cookie", jar))
         assert config.status == 200, config.body[:500]
         assert config.json()["root"] == URL
+        # logged in or not, no Gradio scripting API through the gateway (the page never uses it)
+        for path in ("/gradio_api/call/respond", "/gradio_api/openapi.json", "/gradio_api/mcp/"):
+            scripted = _curl(
+                host, URL + path, key=None, body={"data": _CHAT_DATA}, extra=("--cookie", jar)
+            )
+            assert scripted.status == 404, (path, scripted.body[:500])
+            assert scripted.json()["error"]["code"] == "not_found"
     finally:
         host.run("rm -f %s", jar)
 

@@ -25,9 +25,9 @@ USER, PASSWORD = "tester", 'pa ss"wo`rd$1\\x'
 SYSTEM_PROMPT = 'You are a "helpful" assistant.\nPrices are in $USD.'
 WHEELHOUSE = Path.home() / ".cache/vllm-fleet/wheelhouse/vllm-webui-cp311-x86_64"
 # systemd-analyze security's exposure score of vllm-webui.service, at most (0 = locked down, 10 =
-# fully exposed). The role README records the value measured on the rendered unit (1.3, systemd 252,
-# --offline=true); this bound leaves room for the running host's score until it is measured there.
-RECORDED_EXPOSURE = 2.5
+# fully exposed). The role README records the value measured on this scenario's running gateway
+# (1.3, systemd 252); the bound leaves a little room for other systemd versions' weights.
+RECORDED_EXPOSURE = 1.5
 
 
 def _address(host) -> str:
