@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,19 +301,22 @@ def test_a_precompiled_wheel_url_without_its_sha256_is_refused(host) -> None:
     assert "Download the precompiled wheel" not in out
 
 
-def test_a_tree_published_without_its_facts_is_fetched_again(host) -> None:
-    # An interrupted publish: the tree was renamed into place, its facts file was not (and the
-    # controller has not kept them). The next run fetches the tree again instead of failing on it.
+def test_a_lost_build_is_published_again_from_an_interrupted_tree_without_compiling(host) -> None:
+    # The controller lost the build (moved aside here), and the builder's tree was renamed into
+    # place without its facts file (an interrupted publish). The next run fetches the tree again,
+    # finds the wheel the builder already built under that id and publishes it again: no compile.
     builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     trees = "/var/lib/vllm-build/trees"
     [facts] = builder.check_output(f"ls {trees}/*.json").split()
     tree = facts.removesuffix(".json")
-    kept = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds" / "trees" / Path(facts).name
-    saved = kept.read_text()
+    builds = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"
+    [kept] = [d for d in builds.iterdir() if (d / "build.json").is_file()]
+    moved = builds / f"moved-aside-{kept.name}"
+    saved = (kept / "build.json").read_text()
     dist = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
     aside = "/var/lib/vllm-build/tmp/saved-tree-facts.json"
     try:
-        kept.unlink()
+        kept.rename(moved)
         builder.check_output(f"mv {facts} {aside}")
         rc, out = _stage("vllm.yml", limit=None)
         assert rc == 0, out[-3000:]
@@ -320,13 +324,16 @@ def test_a_tree_published_without_its_facts_is_fetched_again(host) -> None:
         assert f"(item={tree})" in out  # the unmarked tree was removed first
         assert builder.file(facts).exists and builder.file(tree).is_directory
         assert builder.run(f"ls -d {trees}/*.partial").rc != 0
-        assert kept.read_text() == saved
-        # same tree, same build id: nothing built
-        assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
+        # the same build id, the builder's wheel untouched, published again on the controller
         assert builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == dist
+        assert (kept / "build.json").read_text() == saved
+        for wheel in moved.glob("*.whl"):
+            assert (kept / wheel.name).read_bytes() == wheel.read_bytes()
     finally:
-        if not kept.exists():
-            kept.write_text(saved)
+        if kept.exists():
+            shutil.rmtree(moved, ignore_errors=True)
+        else:
+            moved.rename(kept)
         # the facts go back only beside a tree (without one, the next build fetches it again)
         builder.run(f"test -e {facts} || test ! -d {tree} || mv {aside} {facts}; rm -f {aside}")
 

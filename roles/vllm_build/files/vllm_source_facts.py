@@ -1,10 +1,10 @@
 """Read what a vLLM source tree (or a built wheel) declares, for the vllm_build role.
 
-The file names and places of vLLM's build requirements, its compiler check and its CPU
-switches changed across versions, so the role asks the tree instead of assuming one
-layout. Standard library only (runs on the build host's Python); prints one JSON object.
+The role asks the tree (laid out as vLLM 0.32's) for its version, build requirements, compiler
+check and kernel libraries instead of copying them. Standard library only (runs on the build
+host's Python); prints one JSON object.
 
-    python3 vllm_source_facts.py source ROOT [--machine x86_64] [--precompiled]
+    python3 vllm_source_facts.py source ROOT [--machine x86_64]
     python3 vllm_source_facts.py wheel WHEEL
 """
 
@@ -19,63 +19,31 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-# Where vLLM kept the CPU build requirements, newest layout first: requirements/build/cpu.txt
-# (0.2x), requirements/cpu-build.txt (0.8 .. 0.1x), then the generic build files of older trees.
-BUILD_REQUIREMENT_FILES = (
-    "requirements/build/cpu.txt",
-    "requirements/cpu-build.txt",
-    "requirements-cpu-build.txt",
-    "requirements/build.txt",
-    "requirements-build.txt",
-)
-RUNTIME_REQUIREMENT_FILES = ("requirements/cpu.txt", "requirements-cpu.txt")
+BUILD_REQUIREMENTS = "requirements/build/cpu.txt"
 CPU_CMAKE = "cmake/cpu_extension.cmake"
 KERNEL = r"_C(?:_AVX2|_AVX512)?"
 DECLARED_KERNEL = re.compile(r'CMakeExtension\(name="vllm\.(' + KERNEL + r')"')
 EXTRACTED_KERNEL = re.compile(r'"vllm/(' + KERNEL + r')\.abi3\.so"')
 WHEEL_KERNEL = re.compile(r"^vllm/(" + KERNEL + r")\.[^/]*so$")
-SWITCH = re.compile(r"ENV\{(VLLM_CPU_[A-Z0-9_]+)\}")
 GCC_FATAL = re.compile(
     r'message\(\s*FATAL_ERROR\s+"([^"]*(?:gcc|g\+\+)[^"]*?>=\s*([0-9][0-9.]*)[^"]*)"'
 )
 
 
-def requirement_lines(path: Path, seen: set[Path]) -> tuple[list[str], list[str]]:
-    """Return the requirement lines of a file, following ``-r`` includes, and its options."""
+def requirement_lines(path: Path, seen: set[Path]) -> list[str]:
+    """Return the requirement lines of a file, following ``-r`` includes (pip options dropped)."""
     if path in seen or not path.is_file():
-        return [], []
+        return []
     seen.add(path)
     lines: list[str] = []
-    options: list[str] = []
     for raw in path.read_text().splitlines():
         line = re.split(r"\s+#", raw, maxsplit=1)[0].strip()
-        if not line or line.startswith("#"):
-            continue
         include = re.match(r"^(?:-r|--requirement)\s*=?\s*(\S+)$", line)
         if include:
-            more, more_options = requirement_lines(path.parent / include.group(1), seen)
-            lines += more
-            options += more_options
-        elif line.startswith("-"):
-            options.append(line)
-        else:
+            lines += requirement_lines(path.parent / include.group(1), seen)
+        elif line and not line.startswith(("#", "-")):
             lines.append(line)
-    return lines, options
-
-
-def pyproject_build_requires(root: Path) -> list[str]:
-    """Return ``[build-system] requires`` of pyproject.toml (empty when there is none)."""
-    path = root / "pyproject.toml"
-    if not path.is_file():
-        return []
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11: read the array with a regular expression
-        pattern = r"\[build-system\][^\[]*?requires\s*=\s*\[(.*?)\]"
-        block = re.search(pattern, path.read_text(), re.S)
-        return re.findall(r'"([^"]+)"', block.group(1)) if block else []
-    data = tomllib.loads(path.read_text())
-    return list(data.get("build-system", {}).get("requires", []))
+    return lines
 
 
 def pkg_info_version(root: Path) -> str | None:
@@ -98,39 +66,24 @@ def gcc_requirement(cmake: str, machine: str) -> tuple[str | None, str | None]:
     return version.rstrip("."), message
 
 
-def source_facts(root: Path, machine: str, precompiled: bool) -> dict[str, Any]:
-    """Describe a source tree: build requirements, gcc check, ISA switches, kernel libraries."""
-    chosen = next((name for name in BUILD_REQUIREMENT_FILES if (root / name).is_file()), None)
-    if chosen:
-        build, options = requirement_lines(root / chosen, set())
-    else:
-        build, options = pyproject_build_requires(root), []
-    runtime = next((name for name in RUNTIME_REQUIREMENT_FILES if (root / name).is_file()), None)
+def source_facts(root: Path, machine: str) -> dict[str, Any]:
+    """Describe a source tree: version, build requirements, gcc check, kernel libraries."""
+    build = requirement_lines(root / BUILD_REQUIREMENTS, set())
     setup_py = (root / "setup.py").read_text() if (root / "setup.py").is_file() else ""
     cmake_path = root / CPU_CMAKE
     cmake = cmake_path.read_text() if cmake_path.is_file() else ""
     gcc_min, gcc_message = gcc_requirement(cmake, machine)
     x86 = machine in ("x86_64", "AMD64")
-    declared = sorted(set(DECLARED_KERNEL.findall(setup_py))) if x86 else ["_C"]
-    declared = declared or ["_C"]
+    declared = (sorted(set(DECLARED_KERNEL.findall(setup_py))) if x86 else []) or ["_C"]
     extracted = sorted(set(EXTRACTED_KERNEL.findall(setup_py)))
-    expected = sorted(set(declared) & set(extracted)) if precompiled else declared
     return {
         "version": pkg_info_version(root),
-        "git": (root / ".git").exists(),
-        "build_requirements_file": chosen or "pyproject.toml",
+        "build_requirements_file": BUILD_REQUIREMENTS,
         "build_requirements": build,
-        "build_requirement_options": options,
-        "runtime_requirements_file": runtime,
         "gcc_min": gcc_min,
         "gcc_message": gcc_message,
-        "isa_switches": sorted(set(SWITCH.findall(cmake))),
-        "layout": "multi" if "_C_AVX2" in declared else "single",
         "kernels_declared": declared,
         "kernels_precompiled": extracted,
-        "kernels_expected": expected,
-        "precompiled_supported": "VLLM_PRECOMPILED_WHEEL_LOCATION" in setup_py,
-        "onednn_source_dir_supported": "FETCHCONTENT_SOURCE_DIR_ONEDNN" in cmake,
     }
 
 
@@ -172,12 +125,11 @@ def main() -> int:
     source = sub.add_parser("source", help="describe a source tree")
     source.add_argument("root", type=Path)
     source.add_argument("--machine", default="x86_64")
-    source.add_argument("--precompiled", action="store_true")
     wheel = sub.add_parser("wheel", help="describe a built wheel")
     wheel.add_argument("wheel", type=Path)
     args = parser.parse_args()
     if args.command == "source":
-        facts = source_facts(args.root, args.machine, args.precompiled)
+        facts = source_facts(args.root, args.machine)
     else:
         facts = wheel_facts(args.wheel)
     json.dump(facts, sys.stdout, indent=1, sort_keys=True)
