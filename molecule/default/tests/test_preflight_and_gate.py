@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -156,3 +157,75 @@ def test_a_vanished_model_folder_is_named_and_the_restarts_stop(vanished_model: 
     # longer than RestartSec (10 s): a loop would have started it again by now
     time.sleep(25)
     assert (show("ActiveState"), int(show("NRestarts"))) == ("failed", restarts)
+
+
+def _generated(host) -> float:
+    """Requests vLLM on `host` has finished since it started (its own /metrics)."""
+    metrics = host.check_output("curl --silent --fail --max-time 10 %s/metrics", api(host))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:request_success_total{")
+    )
+
+
+def _task_result(out: str, task: str, host: str) -> str:
+    """What the run printed for `host` under the task named `task` (ok, changed, skipping,
+    included, ...)."""
+    section = out.split(f"{task}]", 1)[1].split("TASK [", 1)[0]
+    found = [
+        word for word in ("ok", "changed", "skipping", "fatal") if f"{word}: [{host}]" in section
+    ]
+    if re.search(rf"included: \S+ for ([^ ]+, )*{re.escape(host)}\b", section):
+        found.append("included")
+    assert found, section
+    return found[0]
+
+
+PROBE_DIST = "fleet_gate_probe-1.0.dist-info"
+
+
+@pytest.fixture
+def new_package() -> Iterator[str]:
+    """A new (metadata-only) distribution in BAD's Python environment, as a new vLLM or dependency
+    would be; removed afterwards and the service stage run again, so the server is as before."""
+    host = HOSTS[BAD]
+    python = "/opt/vllm/venv/bin/python"
+    purelib = host.check_output(
+        "%s -c %s", python, "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    )
+    probe = f"{purelib}/{PROBE_DIST}"
+    metadata = "Metadata-Version: 2.1\nName: fleet-gate-probe\nVersion: 1.0\n"
+    write = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir();"
+    write += " (p / 'METADATA').write_text(sys.argv[2]); (p / 'RECORD').write_text('')"
+    host.check_output("%s -c %s %s %s", python, write, probe, metadata)
+    try:
+        yield probe
+    finally:
+        host.run("rm -rf %s", probe)
+        rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
+        assert rc == 0, out[-3000:]
+        assert _serving(host)
+
+
+def test_a_warm_rollout_generates_nothing_and_a_new_package_restarts_the_server(
+    request: pytest.FixtureRequest,
+) -> None:
+    host = HOSTS[BAD]
+    # warm: nothing changed, nothing restarted, and the gate asks for no generation
+    before, generated = _state(), _generated(host)
+    rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
+    assert rc == 0, out[-3000:]
+    assert _task_result(out, "Ask for one real chat completion", BAD) == "skipping"
+    assert _state() == before and _generated(host) == generated
+    # a package of the environment changed (vllm_install's doing): a drained, gated restart
+    request.getfixturevalue("new_package")
+    rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
+    assert rc == 0, out[-3000:]
+    after = _state()
+    assert after[BAD][1] != before[BAD][1]  # the environment file names the packages' hash
+    assert after[BAD][2] != before[BAD][2]  # a new main pid
+    assert after[GOOD] == before[GOOD]
+    assert _task_result(out, "Take the server out of rotation at the gateways", BAD) != "skipping"
+    assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
+    assert _serving(host)
