@@ -1,5 +1,7 @@
 """Bad input on one host stops the run for every host before anything changes; no path skips the
-health gate; a server whose model folder vanished says so and stops restarting.
+health gate; a server whose model folder vanished says so and stops restarting; a server that does
+not run its current unit and environment (a run stopped between writing them and the restart) is
+restarted by the next run.
 
 Each test reads every server's unit and environment file (sha256) and vLLM's main pid before and
 after, from the outside, and restores what it breaks in a fixture. Runs ansible-playbook against the
@@ -8,6 +10,7 @@ scenario's containers; traffic stays inside them.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -211,3 +214,46 @@ def test_a_new_package_restarts_the_server_through_the_rollout(new_package: str)
     assert _task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
     assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
     assert _serving(HOSTS[BAD])
+
+
+def _cmdline(host) -> str:
+    """The command line of BAD's running vLLM (its main process)."""
+    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    return host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+
+
+@pytest.fixture
+def unit_behind_the_server() -> Iterator[None]:
+    """BAD runs a unit with --max-num-seqs 15 while its unit file is the usual one again: what a run
+    leaves that wrote new files and stopped before the restart (here the other way round, so
+    that the plain run below has nothing to write). A plain run of the service stage restores it."""
+    host = HOSTS[BAD]
+    unit = "/etc/systemd/system/vllm.service"
+    usual = host.file(unit).content
+    rc, out = _playbook("playbooks/serve.yml", "--limit", BAD, **CHANGE)
+    assert rc == 0, out[-3000:]
+    try:
+        assert "--max-num-seqs 15 " in _cmdline(host)
+        host.check_output("echo %s | base64 -d > %s", base64.b64encode(usual).decode(), unit)
+        host.check_output("systemctl daemon-reload")
+        yield
+    finally:
+        rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
+        assert rc == 0, out[-3000:]
+        assert _serving(host)
+        assert "--max-num-seqs 15 " not in _cmdline(host)
+
+
+def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: None) -> None:
+    # The files on disk are what the role writes, so this run writes nothing; but the process was
+    # started from other files: the run restarts it (drained, gated) instead of leaving it stale.
+    before = _state()
+    rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
+    assert rc == 0, out[-3000:]
+    after = _state()
+    assert after[BAD][:2] == before[BAD][:2]  # nothing written
+    assert after[BAD][2] != before[BAD][2]  # a new main pid
+    assert "--max-num-seqs 15 " not in _cmdline(HOSTS[BAD])
+    assert after[GOOD] == before[GOOD]
+    assert _task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
+    assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
