@@ -141,7 +141,7 @@ cd /; rm -rf "$tmp"
             needs = rest[1] if len(rest) > 1 else ""
             facts["kernels"][Path(rest[0]).name.split(".")[0]] = {"needs": needs}
     facts["gcc"] = on_host("gcc -dumpfullversion").strip()
-    facts["glibc"] = on_host("ldd --version | head -1").strip()
+    facts["glibc"] = on_host("getconf GNU_LIBC_VERSION").strip()
     facts["ccache"] = on_host(
         "runuser -u vllm-build -- env CCACHE_DIR=/var/lib/vllm-build/ccache ccache --show-stats"
     ).strip()
@@ -267,6 +267,13 @@ def summary(record: dict) -> str:
     dec.append("|---|---|---|---|")
     for label, r in record["decode"].items():
         dec.append(f"| {label} | {r['decode_tok_s']} | {r['ttft_s']} | {r['startup_s']} |")
+    first = []
+    if "first_compile" in record:
+        f = record["first_compile"]
+        first = [
+            "",
+            f"An earlier compile of the same session: build {f['build_s']:.0f} s ({f['note']}).",
+        ]
     kernels = ", ".join(f"`{k}` (needs {v['needs']})" for k, v in wheel["kernels"].items())
     rust = "built" if wheel["rust_frontend"] else "not built (no cargo on the builder; optional)"
     return "\n".join(
@@ -274,11 +281,13 @@ def summary(record: dict) -> str:
             "# The real compile: vLLM 0.32.0's CPU kernels built by roles/vllm_build",
             "",
             f"{record['date']}, commit {record['commit']}; {host['cpu']}, {host['cores']} cores,"
-            f" {host['memory_gib']} GiB, {' '.join(host['isa'])}. One run, nothing else running.",
+            f" {host['memory_gib']} GiB, {' '.join(host['isa'])}."
+            f" {record.get('conditions', 'One run, nothing else running.')}",
             f"Builder: gcc {wheel['gcc']}, {wheel['glibc']}; oneDNN {onednn['describe']}"
             f" ({onednn['commit']}); MAX_JOBS from memory.",
             "",
             *rows,
+            *first,
             "",
             f"Wheel `{wheel['wheel']}` ({wheel['wheel_mib']} MiB): kernels {kernels};"
             f" Rust front end {rust}.",
