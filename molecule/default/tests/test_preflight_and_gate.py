@@ -164,15 +164,19 @@ def test_a_vanished_model_folder_is_named_and_the_restarts_stop(vanished_model: 
 
 def _task_result(out: str, task: str, host: str) -> str:
     """What the run printed for `host` under the task named `task` (ok, changed, skipping,
-    included, ...)."""
-    section = out.split(f"{task}]", 1)[1].split("TASK [", 1)[0]
-    found = [
-        word for word in ("ok", "changed", "skipping", "fatal") if f"{word}: [{host}]" in section
-    ]
-    if re.search(rf"included: \S+ for ([^ ]+, )*{re.escape(host)}\b", section):
-        found.append("included")
-    assert found, section
-    return found[0]
+    included, ...), in whichever batch of the rollout `host` was."""
+    sections = [part.split("TASK [", 1)[0] for part in out.split(f"{task}]")[1:]]
+    for section in sections:
+        found = [
+            word
+            for word in ("ok", "changed", "skipping", "fatal")
+            if f"{word}: [{host}]" in section
+        ]
+        if re.search(rf"included: \S+ for ([^ ]+, )*{re.escape(host)}\b", section):
+            found.append("included")
+        if found:
+            return found[0]
+    raise AssertionError(f"no result of {task!r} for {host}: {sections}")
 
 
 PROBE_DIST = "fleet_gate_probe-1.0.dist-info"
@@ -263,3 +267,21 @@ def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: Non
     assert after[GOOD] == before[GOOD]
     assert _task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
     assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
+
+
+def test_the_gate_of_an_unchanged_server_asks_no_chat() -> None:
+    # BAD restarted outside Ansible (as systemd restarts a crashed server): its new start has not
+    # answered a chat, so the next run asks it one, however unchanged its files are
+    HOSTS[BAD].check_output("systemctl restart vllm")
+    rc, out = _playbook("playbooks/serve.yml")
+    assert rc == 0, out[-3000:]
+    assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
+    # now every server's current start passed the chat with these files: a warm run asks none, and
+    # still checks /health and /v1/models; nothing restarts
+    before = _state()
+    rc, out = _playbook("playbooks/serve.yml")
+    assert rc == 0, out[-3000:]
+    assert _state() == before
+    for name in SERVERS:
+        assert _task_result(out, "Ask for one real chat completion", name) == "skipping"
+        assert _task_result(out, "Ask /v1/models for the served model", name) == "ok"
