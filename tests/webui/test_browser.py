@@ -242,6 +242,9 @@ def test_two_turns_stream_in_and_the_second_request_carries_the_first(
         {"role": "user", "content": SECOND},
     ]
     assert first.request["stream"] is second.request["stream"] is True
+    # Both turns name the same session, so the gateway sends them to the same server (its cache
+    # holds the first turn); a conversation that starts differently gets another name.
+    assert first.headers["x-session-id"] == second.headers["x-session-id"] != ""
     assert first.request["max_tokens"] == MAX_TOKENS
     # What the page shows is that answer, rendered as Markdown (which may drop markup).
     assert _letters(first_answer)

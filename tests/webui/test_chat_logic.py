@@ -91,6 +91,21 @@ def test_the_whole_conversation_reaches_the_server(
     assert reply == chat.streamed_text() != ""
 
 
+def test_each_turn_names_its_conversation_for_the_gateway(
+    app: ModuleType, backend: Backend, recorder: Recorder
+) -> None:
+    client = _client(app, recorder.url_for(backend.api_base), backend.api_key)
+    first_turn = app.build_messages("Be brief.", [], "My name is Ada.")
+    second_turn = app.build_messages("Be brief.", GRADIO_HISTORY, "What is my name?")
+    another = app.build_messages("Be brief.", [], "Something else.")
+    for messages in (first_turn, second_turn, another):
+        list(app.stream_reply(client, backend.model, messages, app.Sampling(**SHORT)))
+    names = [chat.headers.get("x-session-id") for chat in recorder.chats()]
+    # the turns of one conversation share its name (the gateway sends them to one server, whose
+    # prefix cache holds the earlier turns); another conversation gets another name
+    assert names[0] and names[0] == names[1] != names[2]
+
+
 def test_the_reply_streams_in_several_pieces(app: ModuleType, backend: Backend) -> None:
     client = _client(app, backend.api_base, backend.api_key)
     messages = app.build_messages("", [], "Count to ten.")

@@ -32,6 +32,7 @@ class Exchange:
 
     path: str
     request: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # request headers, names in lower case
     status: int = 0
     response: bytes = b""
     finished: threading.Event = field(default_factory=threading.Event)
@@ -60,10 +61,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _forward(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        exchange = Exchange(self.path, json.loads(body) if body else {})
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        sent = {k.lower(): v for k, v in headers.items()}  # names are case-insensitive
+        exchange = Exchange(self.path, json.loads(body) if body else {}, sent)
         self.server.exchanges.append(exchange)
         upstream = http.client.HTTPConnection(self.server.upstream, timeout=600)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         upstream.request(self.command, self.path, body=body or None, headers=headers)
         answer = upstream.getresponse()
         exchange.status = answer.status

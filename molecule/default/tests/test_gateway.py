@@ -124,10 +124,27 @@ def _assert_spread_over_all_servers(host) -> None:
     assert seen == expected
 
 
-def _chat(max_tokens: int = 4, stream: bool = False) -> dict:
+# The chat page names each conversation in this header (vllm-router's name for it); the gateway
+# sends every request of a session to the same server, the one that holds its prefix in cache.
+SESSION_HEADER = "X-Session-ID"
+SESSIONS = [f"conversation-{i}" for i in range(16)]
+
+
+def _servers_of_sessions(host, order: list[str] = SESSIONS) -> dict[str, str]:
+    """Which server answered a request of each session (asked in `order`)."""
+    return {
+        session: _answered_by(
+            _curl(host, f"{URL}/v1/models", extra=("--header", f"{SESSION_HEADER}: {session}"))
+        )
+        for session in order
+    }
+
+
+def _chat(max_tokens: int = 4, stream: bool = False, messages: list | None = None) -> dict:
     return {
         "model": SERVED_NAME,
-        "messages": [{"role": "user", "content": "Tell me something about large language models."}],
+        "messages": messages
+        or [{"role": "user", "content": "Tell me something about large language models."}],
         "max_tokens": max_tokens,
         # random weights may pick end-of-sequence first: generate the tokens regardless
         "min_tokens": max_tokens,
@@ -331,10 +348,54 @@ def test_internal_listener_serves_the_same_paths_with_the_same_key(host) -> None
     assert status("/metrics") == "403"
 
 
+def test_a_session_goes_back_to_the_server_that_served_it(host) -> None:
+    first = _servers_of_sessions(host)
+    # asked again in other orders: taking turns (least_conn's tie-break) would send them elsewhere
+    for order in (SESSIONS[::-1], SESSIONS[1:] + SESSIONS[:1], SESSIONS[::2] + SESSIONS[1::2]):
+        assert _servers_of_sessions(host, order) == first
+    # and the sessions are spread over every server
+    assert set(first.values()) == {_server_address(host, name) for name in SERVERS}
+
+
+def _prefix_cache_hits(host, server: str) -> float:
+    """Prompt tokens the server found in its prefix cache so far (vLLM's own counter)."""
+    metrics = host.check_output("curl --silent --fail --max-time 10 http://%s/metrics", server)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:prefix_cache_hits_total")
+    )
+
+
+def test_the_next_turn_of_a_session_is_prefilled_from_its_server_cache(host) -> None:
+    # A conversation through the gateway, as the chat page sends it: the second turn resends the
+    # first. It must reach the same server and find most of its prompt in that server's cache.
+    system = "You answer questions about a fleet of CPU servers, briefly and precisely. " * 30
+    for number in range(4):
+        header = ("--header", f"{SESSION_HEADER}: prefix-{number}")
+        turn = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"What is question number {number} about?"},
+        ]
+        first = _curl(host, f"{URL}/v1/chat/completions", body=_chat(messages=turn), extra=header)
+        assert first.status == 200, first.body
+        server = _answered_by(first)
+        hits = _prefix_cache_hits(host, server)
+        turn += [
+            {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "And the next one?"},
+        ]
+        second = _curl(host, f"{URL}/v1/chat/completions", body=_chat(messages=turn), extra=header)
+        assert second.status == 200, second.body
+        assert _answered_by(second) == server
+        assert _prefix_cache_hits(host, server) - hits >= first.json()["usage"]["prompt_tokens"] / 2
+
+
 def test_stopping_one_server_leaves_the_gateway_answering(host) -> None:
     stopped_name = SERVERS[0]
     stopped_address = _server_address(host, stopped_name)
     server = testinfra.get_host(f"ansible://{stopped_name}?ansible_inventory={INVENTORY}")
+    sessions = _servers_of_sessions(host)
     assert server.run("systemctl stop vllm").rc == 0
     try:
         assert not server.service("vllm").is_running
@@ -346,6 +407,13 @@ def test_stopping_one_server_leaves_the_gateway_answering(host) -> None:
                 assert reply.status == 200, reply.body
                 assert _answered_by(reply) != stopped_address
             assert _curl(host, f"{URL}/health", key=None).status == 200
+        # the stopped server's sessions move to another server; the others stay where they were
+        moved = _servers_of_sessions(host)
+        assert stopped_address not in moved.values()
+        kept = {session for session, address in sessions.items() if address != stopped_address}
+        assert {session: moved[session] for session in kept} == {
+            session: sessions[session] for session in kept
+        }
     finally:
         assert server.run("systemctl start vllm").rc == 0
         deadline = time.monotonic() + RESTART_TIMEOUT

@@ -9,6 +9,8 @@ here reaches anything but the configured API: no share link, no analytics, no do
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -33,6 +35,9 @@ OFFLINE_ENVIRONMENT = {
 log = logging.getLogger("vllm_webui")
 
 Message = dict[str, str]
+# The gateway sends the requests that carry the same value of this header to the same server
+# (vllm_gateway_session_header; vllm-router reads the same header).
+SESSION_HEADER = "X-Session-ID"
 
 
 class BackendError(Exception):
@@ -157,6 +162,21 @@ def build_messages(
     return messages
 
 
+def session_id(messages: Sequence[Message]) -> str:
+    """The conversation's name for the gateway: a hash of its system prompt and first question.
+
+    Every turn of a conversation starts with them, so every turn gets the same name and reaches the
+    server whose prefix cache holds the earlier turns; conversations that start alike share a
+    server, and their common start, too.
+    """
+    head: list[Message] = []
+    for message in messages:
+        head.append(message)
+        if message["role"] == "user":
+            break
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def _detail(error: openai.APIStatusError) -> str:
     """The server's own words from an error response, shortened."""
     body = error.body
@@ -254,6 +274,7 @@ def stream_reply(
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             extra_body={"repetition_penalty": sampling.repetition_penalty},
+            extra_headers={SESSION_HEADER: session_id(messages)},
         )
         with stream:
             for chunk in stream:
