@@ -10,7 +10,7 @@ INVENTORY ?= inventory
 SCENARIO ?= --all
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision compile
+.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision compile bench-routing
 
 $(BIN)/.installed: requirements-dev.txt requirements.yml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,13 @@ bench-venv: $(BENCH_VENV)/.installed
 
 bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
+
+# Multi-turn conversations through nginx in front of two vLLM servers: least_conn vs session affinity
+# (issue #15, benchmarks/routing.py). Needs Debian's nginx (apt-get install nginx-light) on this host.
+# About 15 minutes on 2 cores; not part of `make test`. Extra options: ROUTING_ARGS="--load contended".
+ROUTING_ARGS ?=
+bench-routing: bench-venv
+	$(BENCH_VENV)/bin/python benchmarks/routing.py $(ROUTING_ARGS)
 
 # Cold site.yml on 1 and on 3 fresh systemd containers, then the warm re-run (benchmarks/molecule/,
 # Docker started and stopped by tests/molecule.sh). ~26 minutes on 2 cores; not part of `make test`.

@@ -96,8 +96,10 @@ class Client:
         """Close the connections."""
         await self.http.aclose()
 
-    async def stream(self, prompt: list[int], max_tokens: int) -> Stream:
-        """One streamed completion; checks the token counts."""
+    async def stream(
+        self, prompt: list[int], max_tokens: int, headers: dict[str, str] | None = None
+    ) -> Stream:
+        """One streamed completion (with more request `headers`); checks the token counts."""
         sent = time.perf_counter()
         response = await self.openai.completions.create(
             model=SERVED_MODEL_NAME,
@@ -107,6 +109,7 @@ class Client:
             stream=True,
             stream_options=self.stream_options,  # type: ignore[arg-type]
             extra_body=self.extra,
+            extra_headers=headers,
         )
         marks: list[tuple[float, int]] = []  # (arrival, tokens generated so far) per chunk
         usage = None
