@@ -357,6 +357,18 @@ def test_a_session_goes_back_to_the_server_that_served_it(host) -> None:
     assert set(first.values()) == {_server_address(host, name) for name in SERVERS}
 
 
+def test_a_session_request_reaches_the_matched_path_only(host) -> None:
+    # nginx matches the normalised path; what reaches vLLM must be that path, not the raw URI
+    # (vLLM would serve /metrics/... as its metrics, which the allowlist keeps from key holders)
+    reply = _curl(
+        host,
+        f"{URL}/metrics/../v1/models",
+        extra=("--path-as-is", "--header", f"{SESSION_HEADER}: raw-path"),
+    )
+    assert reply.status == 200, reply.body
+    assert reply.json()["data"][0]["id"] == SERVED_NAME
+
+
 def _prefix_cache_hits(host, server: str) -> float:
     """Prompt tokens the server found in its prefix cache so far (vLLM's own counter)."""
     metrics = host.check_output("curl --silent --fail --max-time 10 http://%s/metrics", server)
