@@ -283,5 +283,6 @@ def test_the_gate_of_an_unchanged_server_asks_no_chat() -> None:
     assert rc == 0, out[-3000:]
     assert _state() == before
     for name in SERVERS:
+        assert re.search(rf"{re.escape(name)} : ok=\d+ changed=0 ", out), out[-3000:]
         assert _task_result(out, "Ask for one real chat completion", name) == "skipping"
         assert _task_result(out, "Ask /v1/models for the served model", name) == "ok"
