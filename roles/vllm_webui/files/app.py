@@ -171,7 +171,7 @@ def session_id(messages: Sequence[Message]) -> str:
     """
     head: list[Message] = []
     for message in messages:
-        head.append(message)
+        head.append({**message, "content": message["content"].strip()})
         if message["role"] == "user":
             break
     return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()[:32]
