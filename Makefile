@@ -81,7 +81,7 @@ bench-serving: bench-venv
 
 # Multi-turn conversations through nginx in front of two vLLM servers: least_conn vs session affinity
 # (issue #15, benchmarks/routing.py). Needs Debian's nginx (apt-get install nginx-light) on this host.
-# About 15 minutes on 2 cores; not part of `make test`. Extra options: ROUTING_ARGS="--load contended".
+# About 7-8 minutes on 2 cores; not part of `make test`. Extra options: ROUTING_ARGS="--load contended".
 ROUTING_ARGS ?=
 bench-routing: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/routing.py $(ROUTING_ARGS)

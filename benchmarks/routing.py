@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     args.modes = args.modes.split(",")
+    if args.turns < 2 or args.conversations < 1:
+        ap.error("a conversation needs at least 2 turns, and there must be at least 1")
     if unknown := set(args.modes) - set(MODES):
         ap.error(f"unknown modes {sorted(unknown)}; known: {sorted(MODES)}")
     if not Path(args.nginx).is_file():
@@ -160,7 +162,8 @@ async def conversations(
                     }
                 )
                 context += prompts.make(args.answer_tokens)  # the answer, resent next turn
-                await asyncio.sleep(think.uniform(0, args.think_seconds))
+                if turn < args.turns:
+                    await asyncio.sleep(think.uniform(0, args.think_seconds))
 
     start = time.perf_counter()
     try:
