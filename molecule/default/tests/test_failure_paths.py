@@ -8,6 +8,7 @@ run redoes it. Traffic stays inside the test containers.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -280,6 +281,44 @@ def test_a_full_compile_with_debian_gcc_is_refused_before_anything_changes(host)
     assert "Install what the build needs" not in out
     assert builder.check_output(listing) == before
     assert host.service("vllm").is_running
+
+
+def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_changes(
+    host,
+) -> None:
+    # A full-compile wheel the controller keeps, compiled (says its build.json) on a builder whose
+    # C library is newer than any server's: its kernels would not load on them. Faked here under the
+    # id a full compile would have, and removed afterwards.
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
+    plan = re.search(r"build ([0-9a-f]{16}) \(tree [0-9a-f]{16}, full compile\): to be built", out)
+    assert rc != 0 and plan, out[-3000:]
+    kept = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds" / plan.group(1)
+    assert not kept.exists()
+    kept.mkdir(parents=True)
+    try:
+        manifest = {"wheel": "vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl", "kernels": ["_C"]}
+        manifest |= {"builder": "newer-builder", "glibc": "99.1", "build_id": plan.group(1)}
+        (kept / "build.json").write_text(json.dumps(manifest))
+        listing = (
+            "ls -A /var/lib/vllm-build/work /var/lib/vllm-build/dist /var/lib/vllm-build/venvs"
+        )
+        before = builder.check_output(listing)
+        rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
+        assert rc != 0
+        glibc = host.check_output("getconf GNU_LIBC_VERSION").split()[-1]
+        refusal = (
+            f"{HOST} has glibc {glibc}, but the kernels of build {plan.group(1)} were compiled"
+        )
+        assert refusal + " on newer-builder (kept on the controller) against glibc 99.1" in out, (
+            out[-3000:]
+        )
+        assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
+        assert _recap_changed(out, BUILDER) == 0
+        assert builder.check_output(listing) == before
+        assert host.service("vllm").is_running
+    finally:
+        shutil.rmtree(kept)
 
 
 def test_a_server_without_the_target_instruction_set_is_refused(host) -> None:
