@@ -106,6 +106,23 @@ def test_each_turn_names_its_conversation_for_the_gateway(
     assert names[0] and names[0] == names[1] != names[2]
 
 
+def test_the_session_header_is_the_one_configured(
+    app: ModuleType, backend: Backend, recorder: Recorder
+) -> None:
+    settings = app.Settings.from_env({"VLLM_WEBUI_SESSION_HEADER": "X-Conversation"})
+    client = _client(app, recorder.url_for(backend.api_base), backend.api_key)
+    messages = app.build_messages("Be brief.", [], "Hello.")
+    sampling = app.Sampling(**SHORT)
+    list(app.stream_reply(client, backend.model, messages, sampling, settings.session_header))
+    list(app.stream_reply(client, backend.model, messages, sampling, ""))
+    named, unnamed = recorder.chats()[-2:]
+    assert named.headers.get("x-conversation") == app.session_id(messages)
+    assert "x-session-id" not in named.headers
+    assert "x-session-id" not in unnamed.headers and "x-conversation" not in unnamed.headers
+    with pytest.raises(ValueError, match="VLLM_WEBUI_SESSION_HEADER must be an HTTP header name"):
+        app.Settings.from_env({"VLLM_WEBUI_SESSION_HEADER": "X Session"})
+
+
 def test_the_reply_streams_in_several_pieces(app: ModuleType, backend: Backend) -> None:
     client = _client(app, backend.api_base, backend.api_key)
     messages = app.build_messages("", [], "Count to ten.")

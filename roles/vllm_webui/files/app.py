@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ log = logging.getLogger("vllm_webui")
 
 Message = dict[str, str]
 # The gateway sends the requests that carry the same value of this header to the same server
-# (vllm_gateway_session_header; vllm-router reads the same header).
+# (vllm_gateway_session_header; vllm-router reads the same header). VLLM_WEBUI_SESSION_HEADER.
 SESSION_HEADER = "X-Session-ID"
 
 
@@ -71,6 +72,7 @@ class Settings:
     sampling: Sampling = field(default_factory=Sampling)
     request_timeout: float = 300.0
     concurrency_limit: int = 16
+    session_header: str = SESSION_HEADER  # empty: no session header
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -111,7 +113,13 @@ class Settings:
             ),
             request_timeout=number("REQUEST_TIMEOUT", d.request_timeout, 1, 86400),
             concurrency_limit=int(number("CONCURRENCY_LIMIT", d.concurrency_limit, 1, 1024)),
+            session_header=text("SESSION_HEADER", d.session_header),
         )
+        if not re.fullmatch(r"[A-Za-z0-9-]*", settings.session_header):
+            raise ValueError(
+                "VLLM_WEBUI_SESSION_HEADER must be an HTTP header name (letters, digits, -),"
+                f" not {settings.session_header!r}"
+            )
         if not settings.api_base.startswith(("http://", "https://")):
             raise ValueError(
                 f"VLLM_WEBUI_API_BASE must be an http(s) URL, not {settings.api_base!r}"
@@ -251,7 +259,11 @@ def resolve_model(client: openai.OpenAI, model: str | None) -> str:
 
 
 def stream_reply(
-    client: openai.OpenAI, model: str, messages: list[Message], sampling: Sampling
+    client: openai.OpenAI,
+    model: str,
+    messages: list[Message],
+    sampling: Sampling,
+    session_header: str = SESSION_HEADER,
 ) -> Iterator[str]:
     """Ask for a chat completion with stream=True and yield the text deltas as they arrive.
 
@@ -274,7 +286,7 @@ def stream_reply(
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
             extra_body={"repetition_penalty": sampling.repetition_penalty},
-            extra_headers={SESSION_HEADER: session_id(messages)},
+            extra_headers={session_header: session_id(messages)} if session_header else None,
         )
         with stream:
             for chunk in stream:
@@ -304,7 +316,8 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
         text = ""
         try:
             messages = build_messages(system_prompt, history, message)
-            for delta in stream_reply(client, resolve_model(client, model), messages, sampling):
+            chosen = resolve_model(client, model)
+            for delta in stream_reply(client, chosen, messages, sampling, settings.session_header):
                 text += delta
                 yield text
         except BackendError as err:
