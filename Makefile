@@ -79,9 +79,10 @@ bench-venv: $(BENCH_VENV)/.installed
 bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
 
-# Multi-turn conversations through nginx in front of two vLLM servers: least_conn vs session affinity
-# (issue #15, benchmarks/routing.py). Needs Debian's nginx (apt-get install nginx-light) on this host.
-# About 7-8 minutes on 2 cores; not part of `make test`. Extra options: ROUTING_ARGS="--load contended".
+# Multi-turn conversations through nginx in front of two vLLM servers: least_conn, session affinity and
+# vllm-router's two policies (issue #15, benchmarks/routing.py). Needs Debian's nginx (apt-get install
+# nginx-light) on this host; vllm-router comes from PyPI into its own venv. About 11 minutes on 2 cores;
+# not part of `make test`. Extra options: ROUTING_ARGS="--modes least_conn,session --load contended".
 ROUTING_ARGS ?=
 bench-routing: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/routing.py $(ROUTING_ARGS)

@@ -1,8 +1,9 @@
 """Routing benchmark (issue #15): multi-turn conversations through nginx in front of two vLLM
-servers, the gateway's `least_conn` against its session affinity (X-Session-ID, consistent hashing),
-with vLLM's prefix caching on (its default).
+servers, the gateway's `least_conn` against its session affinity (X-Session-ID, consistent hashing)
+and against vllm-router (the vLLM project's router, PyPI) between nginx and the servers with its
+consistent-hash and cache-aware policies, with vLLM's prefix caching on (its default).
 
-    python benchmarks/routing.py    # Qwen2.5-1.5B-Instruct's shape, 8 conversations, 4 at once
+    python benchmarks/routing.py    # all 4 modes; Qwen2.5-1.5B's shape, 8 conversations, 4 at once
     python benchmarks/routing.py --model-preset tiny --conversations 2 --turns 2   # a smoke run
 
 Two servers as the role runs them (servebench.configs.tuned), each bound to its own half of the
@@ -14,7 +15,9 @@ and every request names its conversation in X-Session-ID, as the chat page does:
 configuration differs between the modes. Each mode starts with a fresh system prompt, so no cache
 carries over. The conversation's earlier answers are sent as fixed tokens rather than the ones the
 server generated, so the cache can reuse the prompt part of each earlier turn only: the gain
-measured is a lower bound. Everything listens on 127.0.0.1 and is stopped by its process group.
+measured is a lower bound. vllm-router runs from its own venv (.cache/bench/router-venv, pinned by
+benchmarks/requirements-router.txt). Everything listens on 127.0.0.1 and is stopped by its process
+group.
 Appends to benchmarks/results/routing.jsonl, writes benchmarks/results/routing.md.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import random
@@ -39,6 +43,7 @@ from servebench.artifacts import log
 from serving import first_added_token, git_state, host_record
 
 SESSION_HEADER = "X-Session-ID"
+ROUTER_VERSION = "0.1.17"  # benchmarks/requirements-router.txt
 NGINX_CONF = """\
 daemon off;
 worker_processes 1;
@@ -80,7 +85,27 @@ http {{
     }}
 }}
 """
-MODES = {"least_conn": "fleet", "session": "sessions"}
+# mode: (nginx upstream for requests with a session id, vllm-router's options between nginx and the
+# servers, or None). In the router modes nginx has the router as its only upstream server.
+# cache_aware's defaults balance load only when the busiest server has 64 requests more than the
+# idlest: below that, with empty prefix trees, it sends every request to one server (seen with two
+# stub servers), so it runs here with the tightest balance thresholds it takes (1 request, 1.0x).
+MODES: dict[str, tuple[str, list[str] | None]] = {
+    "least_conn": ("fleet", None),
+    "session": ("sessions", None),
+    "router-consistent-hash": ("fleet", ["--policy", "consistent_hash"]),
+    "router-cache-aware": (
+        "fleet",
+        [
+            "--policy",
+            "cache_aware",
+            "--balance-abs-threshold",
+            "1",
+            "--balance-rel-threshold",
+            "1.0",
+        ],
+    ),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,8 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--question-tokens", type=int, default=64)
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--kvcache-gib", type=int, default=3, help="per server")
-    ap.add_argument("--modes", default="least_conn,session", help="in this order")
-    ap.add_argument("--base-port", type=int, default=18400, help="servers +1, +2")
+    ap.add_argument("--modes", default=",".join(MODES), help="in this order")
+    ap.add_argument(
+        "--base-port", type=int, default=18400, help="servers +1, +2; vllm-router +3, metrics +4"
+    )
     ap.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument(
@@ -222,6 +249,9 @@ def markdown(session: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f" {'-' if rate is None else f'{rate:.0%}'} | {r['wall_s']} s |"
         )
     lines += [
+        f"\n{r['mode']}: nginx -> {r['router']} -> the servers." for r in results if r.get("router")
+    ]
+    lines += [
         "",
         f"Reproduce: `{session.get('command', 'python benchmarks/routing.py')}`"
         " (`make bench-routing ROUTING_ARGS=...`).",
@@ -236,7 +266,7 @@ def write_report() -> None:
     for line in (RESULTS / "routing.jsonl").read_text().splitlines():
         record = json.loads(line)
         runs.setdefault(record["started"], (record, []))[1].append(record)
-    text = "# Routing: least_conn vs session affinity (issue #15)\n"
+    text = "# Routing: least_conn, session affinity and vllm-router (issue #15)\n"
     for started in sorted(runs, reverse=True):
         text += markdown(*runs[started])
     (RESULTS / "routing.md").write_text(text)
@@ -295,18 +325,33 @@ def main(argv: list[str] | None = None) -> int:
             run = state / f"nginx-{mode}"
             for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
                 (run / sub).mkdir(parents=True, exist_ok=True)
-            upstreams = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
-            conf = run / "nginx.conf"
-            conf.write_text(
-                NGINX_CONF.format(
-                    state=run, servers=upstreams, port=args.base_port, session_pool=MODES[mode]
+            pool, router_options = MODES[mode]
+            upstream_ports = ports
+            with contextlib.ExitStack() as stack:
+                if router_options:
+                    config = router_config(args, run, urls, router_options)
+                    router = stack.enter_context(procs.Server(config, run / "router.log"))
+                    router.wait_healthy(120)
+                    session["vllm_router"] = ROUTER_VERSION
+                    upstream_ports = [router.config.port]
+                upstreams = "\n".join(f"        server 127.0.0.1:{p};" for p in upstream_ports)
+                conf = run / "nginx.conf"
+                conf.write_text(
+                    NGINX_CONF.format(
+                        state=run, servers=upstreams, port=args.base_port, session_pool=pool
+                    )
                 )
-            )
-            argv = [args.nginx, "-p", str(run), "-e", str(run / "nginx-error.log"), "-c", str(conf)]
-            nginx_config = configs.ServerConfig(
-                "nginx", argv, {"PATH": "/usr/sbin:/usr/bin"}, run, args.base_port, "nginx", None
-            )
-            with procs.Server(nginx_config, run / "nginx.log") as nginx:
+                argv = [args.nginx, "-p", str(run), "-e", str(run / "nginx-error.log")]
+                nginx_config = configs.ServerConfig(
+                    "nginx",
+                    [*argv, "-c", str(conf)],
+                    {"PATH": "/usr/sbin:/usr/bin"},
+                    run,
+                    args.base_port,
+                    "nginx",
+                    None,
+                )
+                nginx = stack.enter_context(procs.Server(nginx_config, run / "nginx.log"))
                 nginx.wait_healthy(60)
                 # a short warm-up request on each server outside the measured conversations
                 asyncio.run(warm_up(urls, prompts))
@@ -318,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                 after = cache_counters(urls)
             cache = {k: after[k] - before[k] for k in after}
             result = summarize(mode, records, wall, cache)
+            result["router"] = (
+                f"vllm-router {ROUTER_VERSION} {' '.join(router_options)}"
+                if router_options
+                else None
+            )
             log(json.dumps(result))
             results.append(result)
             with (RESULTS / "routing.jsonl").open("a") as out:
@@ -328,6 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(session, results))
     write_report()
     return 0
+
+
+def router_config(
+    args: argparse.Namespace, run: Path, urls: list[str], options: list[str]
+) -> configs.ServerConfig:
+    """vllm-router with these options in front of the servers, everything on loopback."""
+    launcher = artifacts.ensure_router_venv()
+    port = args.base_port + 3
+    argv = [str(launcher), "--host", "127.0.0.1", "--port", str(port), *options]
+    argv += ["--worker-urls", *urls, "--prometheus-host", "127.0.0.1"]
+    argv += ["--prometheus-port", str(args.base_port + 4), "--log-level", "warning"]
+    return configs.ServerConfig(
+        "vllm-router", argv, {"PATH": "/usr/bin:/bin"}, run / "router", port, "router", None
+    )
 
 
 async def warm_up(urls: list[str], prompts: client.Prompts) -> None:

@@ -144,6 +144,27 @@ def ensure_vllm_venv() -> Path:
     return python
 
 
+def ensure_router_venv() -> Path:
+    """A venv with vllm-router's pinned closure (benchmarks/requirements-router.txt); returns its
+    `vllm-router` launcher. Stamped with the lock's sha256, so a changed pin rebuilds it."""
+    lock = REPO / "benchmarks" / "requirements-router.txt"
+    venv = BENCH_CACHE / "router-venv"
+    stamp = venv / ".bench-installed"
+    want = hashlib.sha256(lock.read_bytes()).hexdigest()
+    launcher = venv / "bin" / "vllm-router"
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return launcher
+    log(f"creating {venv} with {lock.name} ...")
+    if venv.exists():
+        shutil.rmtree(venv)
+    logfile = BENCH_CACHE / "logs" / "router-venv.log"
+    run([sys.executable, "-m", "venv", str(venv)], logfile)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--requirement", str(lock)]
+    run(pip, logfile, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    stamp.write_text(want + "\n")
+    return launcher
+
+
 def _tool(name: str) -> str | None:
     """A build tool from the host's PATH, else from this venv (requirements-bench.txt)."""
     found = shutil.which(name)
