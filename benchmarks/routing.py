@@ -9,15 +9,15 @@ consistent-hash and cache-aware policies, with vLLM's prefix caching on (its def
 Two servers as the role runs them (servebench.configs.tuned), each bound to its own half of the
 host's cores, behind Debian's nginx with the gateway's balancing directives (least_conn; the map on
 the session header and `hash ... consistent`, as roles/vllm_gateway/templates/vllm-gateway.conf.j2
-writes them; no TLS and no key check, which cost the same in both modes). Every conversation has a
+writes them; no TLS and no key check, which cost the same in every mode). Every conversation has a
 shared system prompt, then 4 turns; each turn resends the whole conversation with a new question
-and every request names its conversation in X-Session-ID, as the chat page does: only the gateway's
-configuration differs between the modes. Each mode starts with a fresh system prompt, so no cache
-carries over. The conversation's earlier answers are sent as fixed tokens rather than the ones the
-server generated, so the cache can reuse the prompt part of each earlier turn only: the gain
-measured is a lower bound. vllm-router runs from its own venv (.cache/bench/router-venv, pinned by
-benchmarks/requirements-router.txt). Everything listens on 127.0.0.1 and is stopped by its process
-group.
+and every request names its conversation in X-Session-ID, as the chat page does: only what sits
+between the client and the servers differs between the modes. Each mode starts with a fresh system
+prompt, so no cache carries over. The conversation's earlier answers are sent as fixed tokens
+rather than the ones the server generated, so the cache can reuse the prompt part of each earlier
+turn only: the gain measured is a lower bound. vllm-router runs from its own venv
+(.cache/bench/router-venv, pinned by benchmarks/requirements-router.txt). Everything listens on
+127.0.0.1 and is stopped by its process group.
 Appends to benchmarks/results/routing.jsonl, writes benchmarks/results/routing.md.
 """
 
@@ -332,7 +332,6 @@ def main(argv: list[str] | None = None) -> int:
                     config = router_config(args, run, urls, router_options)
                     router = stack.enter_context(procs.Server(config, run / "router.log"))
                     router.wait_healthy(120)
-                    session["vllm_router"] = ROUTER_VERSION
                     upstream_ports = [router.config.port]
                 upstreams = "\n".join(f"        server 127.0.0.1:{p};" for p in upstream_ports)
                 conf = run / "nginx.conf"

@@ -39,6 +39,15 @@ Message = dict[str, str]
 # The gateway sends the requests that carry the same value of this header to the same server
 # (vllm_gateway_session_header; vllm-router reads the same header). VLLM_WEBUI_SESSION_HEADER.
 SESSION_HEADER = "X-Session-ID"
+# Headers the API request needs for itself (the key, the body): never the session header.
+RESERVED_HEADERS = {
+    "authorization",
+    "host",
+    "content-type",
+    "content-length",
+    "cookie",
+    "connection",
+}
 
 
 class BackendError(Exception):
@@ -115,10 +124,11 @@ class Settings:
             concurrency_limit=int(number("CONCURRENCY_LIMIT", d.concurrency_limit, 1, 1024)),
             session_header=text("SESSION_HEADER", d.session_header),
         )
-        if not re.fullmatch(r"[A-Za-z0-9-]*", settings.session_header):
+        header = settings.session_header
+        if not re.fullmatch(r"[A-Za-z0-9-]*", header) or header.lower() in RESERVED_HEADERS:
             raise ValueError(
-                "VLLM_WEBUI_SESSION_HEADER must be an HTTP header name (letters, digits, -),"
-                f" not {settings.session_header!r}"
+                "VLLM_WEBUI_SESSION_HEADER must be an HTTP header name (letters, digits, -) that"
+                f" the request does not already use, not {header!r}"
             )
         if not settings.api_base.startswith(("http://", "https://")):
             raise ValueError(
