@@ -145,16 +145,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def cache_counters(urls: list[str]) -> dict[str, float]:
-    """Prompt tokens looked up in and found in the servers' prefix caches (vLLM's counters)."""
+def counters(urls: list[str]) -> dict[str, float]:
+    """Prompt tokens looked up in and found in the servers' prefix caches, and the requests each
+    server finished (`requests-<index>`): vLLM's own counters."""
     totals = {"queries": 0.0, "hits": 0.0}
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
-    for url in urls:
+    for index, url in enumerate(urls):
+        totals[f"requests-{index}"] = 0.0
         with direct.open(url + "/metrics", timeout=10) as answer:
             for line in answer.read().decode().splitlines():
-                for name in totals:
+                for name in ("queries", "hits"):
                     if line.startswith(f"vllm:prefix_cache_{name}_total"):
                         totals[name] += float(line.rsplit(" ", 1)[1])
+                if line.startswith("vllm:request_success_total"):
+                    totals[f"requests-{index}"] += float(line.rsplit(" ", 1)[1])
     return totals
 
 
@@ -238,8 +242,8 @@ def markdown(session: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f" {session['question_tokens']}, each answer {session['answer_tokens']}.",
         "",
         "| gateway | TTFT turn 1 (median) | TTFT turns >= 2 (median / max) | output tok/s |"
-        " prefix-cache hit rate | wall |",
-        "|---|---|---|---|---|---|",
+        " prefix-cache hit rate | wall | requests per server |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rate = r["prefix_cache_hit_rate"]
@@ -247,6 +251,7 @@ def markdown(session: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f"| {r['mode']} | {r['ttft_turn1_median_s']} s | {r['ttft_later_median_s']} s /"
             f" {r['ttft_later_max_s']} s | {r['tokens_per_s']} |"
             f" {'-' if rate is None else f'{rate:.0%}'} | {r['wall_s']} s |"
+            f" {' / '.join(map(str, r.get('requests_per_server', []))) or 'not recorded'} |"
         )
     lines += [
         f"\n{r['mode']}: nginx -> {r['router']} -> the servers." for r in results if r.get("router")
@@ -354,14 +359,15 @@ def main(argv: list[str] | None = None) -> int:
                 nginx.wait_healthy(60)
                 # a short warm-up request on each server outside the measured conversations
                 asyncio.run(warm_up(urls, prompts))
-                before = cache_counters(urls)
+                before = counters(urls)
                 log(f"{mode}: {args.conversations} conversations of {args.turns} turns ...")
                 records, wall = asyncio.run(
                     conversations(args, f"http://127.0.0.1:{args.base_port}", mode, prompts)
                 )
-                after = cache_counters(urls)
+                after = counters(urls)
             cache = {k: after[k] - before[k] for k in after}
             result = summarize(mode, records, wall, cache)
+            result["requests_per_server"] = [int(cache[f"requests-{i}"]) for i in range(len(urls))]
             result["router"] = (
                 f"vllm-router {ROUTER_VERSION} {' '.join(router_options)}"
                 if router_options
