@@ -43,7 +43,6 @@ from servebench.artifacts import log
 from serving import first_added_token, git_state, host_record
 
 SESSION_HEADER = "X-Session-ID"
-ROUTER_VERSION = "0.1.17"  # benchmarks/requirements-router.txt
 NGINX_CONF = """\
 daemon off;
 worker_processes 1;
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             result = summarize(mode, records, wall, cache)
             result["requests_per_server"] = [int(cache[f"requests-{i}"]) for i in range(len(urls))]
             result["router"] = (
-                f"vllm-router {ROUTER_VERSION} {' '.join(router_options)}"
+                f"vllm-router {artifacts.router_version()} {' '.join(router_options)}"
                 if router_options
                 else None
             )

@@ -144,10 +144,21 @@ def ensure_vllm_venv() -> Path:
     return python
 
 
+ROUTER_LOCK = REPO / "benchmarks" / "requirements-router.txt"
+
+
+def router_version() -> str:
+    """The vllm-router version its lock pins."""
+    for line in ROUTER_LOCK.read_text().splitlines():
+        if line.startswith("vllm-router=="):
+            return line.split("==", 1)[1].strip()
+    raise RuntimeError(f"{ROUTER_LOCK} pins no vllm-router")
+
+
 def ensure_router_venv() -> Path:
-    """A venv with vllm-router's pinned closure (benchmarks/requirements-router.txt); returns its
-    `vllm-router` launcher. Stamped with the lock's sha256, so a changed pin rebuilds it."""
-    lock = REPO / "benchmarks" / "requirements-router.txt"
+    """A venv with vllm-router's pinned closure (ROUTER_LOCK); returns its `vllm-router` launcher.
+    Stamped with the lock's sha256, so a changed pin rebuilds it."""
+    lock = ROUTER_LOCK
     venv = BENCH_CACHE / "router-venv"
     stamp = venv / ".bench-installed"
     want = hashlib.sha256(lock.read_bytes()).hexdigest()
