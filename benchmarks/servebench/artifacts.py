@@ -103,8 +103,41 @@ def vllm_lock(python: str) -> tuple[Path, str, str]:
     return lock, package, version
 
 
+def locked_venv(
+    name: str, base: str, lock: Path, pip_args: list[str], check: Callable[[Path], None]
+) -> Path:
+    """BENCH_CACHE/<name>: a venv of `base` with `pip install <pip_args> -r <lock>`, stamped with
+    the lock's sha256 once `check(venv)` passed: a changed lock or a broken install rebuilds it."""
+    venv = BENCH_CACHE / name
+    stamp = venv / ".bench-installed"
+    want = hashlib.sha256(lock.read_bytes()).hexdigest()
+    if stamp.is_file() and stamp.read_text().strip() == want:
+        return venv
+    log(f"creating {venv} with {lock.name} ...")
+    start = time.monotonic()
+    if venv.exists():
+        shutil.rmtree(venv)
+    logfile = BENCH_CACHE / "logs" / f"{name}.log"
+    run([base, "-m", "venv", str(venv)], logfile)
+    pip = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        *pip_args,
+        "--requirement",
+        str(lock),
+    ]
+    env = {**os.environ, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    run(pip, logfile, env=env)
+    check(venv)
+    stamp.write_text(want + "\n")
+    log(f"created {venv.name} in {time.monotonic() - start:.0f} s")
+    return venv
+
+
 def ensure_vllm_venv() -> Path:
-    """A venv with the role's pinned vLLM closure; returns its python.
+    """A venv with the role's pinned vLLM closure (~2.5 GB); returns its python.
 
     Mirrors roles/vllm_install/tasks/pip.yml: `pip install --no-deps -r <lock>`. The role adds
     download.pytorch.org as an extra index for torch 2.13.0+cpu; here pip's own configuration
@@ -113,35 +146,23 @@ def ensure_vllm_venv() -> Path:
     """
     base = os.environ.get("BENCH_VLLM_PYTHON", "python3")
     lock, package, version = vllm_lock(base)
-    venv = BENCH_CACHE / "vllm-venv"
-    python = venv / "bin" / "python"
-    stamp = venv / ".bench-installed"
-    want = hashlib.sha256(lock.read_bytes()).hexdigest()
-    if stamp.is_file() and stamp.read_text().strip() == want:
-        return python
-    log(f"creating {venv} with {lock.name} (~2.5 GB, a few minutes) ...")
-    start = time.monotonic()
-    if venv.exists():
-        shutil.rmtree(venv)
-    logfile = BENCH_CACHE / "logs" / "vllm-venv.log"
-    run([base, "-m", "venv", str(venv)], logfile)
     index = os.environ.get("BENCH_TORCH_INDEX_URL", "")
-    pip = [str(python), "-m", "pip", "install", "--no-deps", "--requirement", str(lock)]
-    pip += ["--extra-index-url", index] if index else []
-    env = {**os.environ, "PIP_NO_CACHE_DIR": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    run(pip, logfile, env=env)
-    probe = subprocess.run(
-        [str(python), "-c", "import vllm; print(vllm.__version__)"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    got = probe.stdout.strip().splitlines()[-1:] or [""]
-    if probe.returncode != 0 or not got[0].startswith(version):
-        raise RuntimeError(f"{package} {version} does not import in {venv}: {probe.stderr[-2000:]}")
-    stamp.write_text(want + "\n")
-    log(f"created {venv.name} in {time.monotonic() - start:.0f} s")
-    return python
+
+    def check(venv: Path) -> None:
+        probe = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        got = probe.stdout.strip().splitlines()[-1:] or [""]
+        if probe.returncode != 0 or not got[0].startswith(version):
+            raise RuntimeError(
+                f"{package} {version} does not import in {venv}: {probe.stderr[-2000:]}"
+            )
+
+    pip_args = ["--no-deps", *(["--extra-index-url", index] if index else [])]
+    return locked_venv("vllm-venv", base, lock, pip_args, check) / "bin" / "python"
 
 
 ROUTER_LOCK = REPO / "benchmarks" / "requirements-router.txt"
@@ -156,24 +177,15 @@ def router_version() -> str:
 
 
 def ensure_router_venv() -> Path:
-    """A venv with vllm-router's pinned closure (ROUTER_LOCK); returns its `vllm-router` launcher.
-    Stamped with the lock's sha256, so a changed pin rebuilds it."""
-    lock = ROUTER_LOCK
-    venv = BENCH_CACHE / "router-venv"
-    stamp = venv / ".bench-installed"
-    want = hashlib.sha256(lock.read_bytes()).hexdigest()
-    launcher = venv / "bin" / "vllm-router"
-    if stamp.is_file() and stamp.read_text().strip() == want:
-        return launcher
-    log(f"creating {venv} with {lock.name} ...")
-    if venv.exists():
-        shutil.rmtree(venv)
-    logfile = BENCH_CACHE / "logs" / "router-venv.log"
-    run([sys.executable, "-m", "venv", str(venv)], logfile)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--requirement", str(lock)]
-    run(pip, logfile, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-    stamp.write_text(want + "\n")
-    return launcher
+    """A venv with vllm-router's pinned closure (ROUTER_LOCK); returns its launcher."""
+
+    def check(venv: Path) -> None:
+        if not (venv / "bin" / "vllm-router").is_file():
+            raise RuntimeError(f"{ROUTER_LOCK.name} installed no vllm-router launcher in {venv}")
+
+    return (
+        locked_venv("router-venv", sys.executable, ROUTER_LOCK, [], check) / "bin" / "vllm-router"
+    )
 
 
 def _tool(name: str) -> str | None:
