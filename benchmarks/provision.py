@@ -1,4 +1,4 @@
-"""Provisioning benchmark: cold `site.yml` on 1 and on 3 fresh hosts, then the warm re-run.
+"""Provisioning benchmark: cold `site.yml` on 1, 3 and 5 fresh hosts, then the warm re-run.
 
 Run it with `make bench-provision` (Docker started by tests/molecule.sh --exec, stopped by its pid).
 For each fleet size N it creates N fresh systemd containers plus the Hugging Face stand-in
@@ -9,6 +9,10 @@ in benchmarks/molecule/group_vars/), and times:
   wheelhouses (warm: filled by earlier runs) and the local model mirror; vLLM is built from source
   once for the fleet (a fresh controller build folder per run, so every cold run builds);
 - warm: `molecule idempotence` = the same playbook again, which must report changed=0.
+
+With more than one host the first server is the fleet cache (roles/fleet_cache): each phase also
+records the bytes its nginx served to the other hosts (from its access log) and the bytes of the
+controller's files it holds (what the controller sent once, not once per host).
 
 Ansible's profile_roles callback gives the time per role, so the build's share is known: the
 saving of building once is (N - 1) x that share, the cost building on every host would add.
@@ -70,12 +74,28 @@ def changed_counts(log: Path) -> dict[str, int]:
     return {h: int(c) for h, c in re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", recap, re.M)}
 
 
+def cache_bytes() -> tuple[int, int]:
+    """(bytes the fleet cache on vllm-1 has served, bytes of controller files it holds); (0, 0)
+    when it has none (a fleet of one host)."""
+    script = (
+        "log=/var/log/nginx/vllm-fleet-cache.access.log; files=/var/cache/vllm-fleet/files;"
+        " served=0; test -f $log && served=$(awk '$9 == 200 {s += $10} END {print s + 0}' $log);"
+        " held=0; test -d $files && held=$(du -sbL $files | cut -f1); echo $served $held"
+    )
+    run = subprocess.run(
+        ["docker", "exec", "vllm-1", "sh", "-c", script], capture_output=True, text=True, check=True
+    )
+    served, held = run.stdout.split()
+    return int(served), int(held)
+
+
 def summary(records: list[dict], command: str) -> str:
     """Markdown table of one session's records, with the saving of building once computed."""
     rows = [
         "| hosts | cold site.yml (s) | of which vllm_build (s) | warm re-run (s) | changed (warm) |"
-        " building on every host adds (s of build work) |",
-        "|---|---|---|---|---|---|",
+        " building on every host adds (s of build work) | controller files on the cache (MB) |"
+        " cache served, cold / warm (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_hosts: dict[int, dict[str, dict]] = {}
     for r in records:
@@ -83,11 +103,18 @@ def summary(records: list[dict], command: str) -> str:
     for n in sorted(by_hosts):
         cold, warm = by_hosts[n].get("cold"), by_hosts[n].get("warm")
         build = cold["roles_seconds"].get("vllm_build", 0.0) if cold else 0.0
+        mb = "{:.0f}".format
+        files = mb(cold["cache_files_bytes"] / 1e6) if cold else "-"
+        served = (
+            f"{mb(cold['cache_served_bytes'] / 1e6)} / {mb(warm['cache_served_bytes'] / 1e6)}"
+            if cold and warm
+            else "-"
+        )
         rows.append(
             f"| {n} | {cold['seconds'] if cold else '-'} | {build:.0f} | "
             f"{warm['seconds'] if warm else '-'} | "
             f"{sum(warm['changed'].values()) if warm else '-'} | "
-            f"{f'{(n - 1) * build:.0f}' if cold else '-'} |"
+            f"{f'{(n - 1) * build:.0f}' if cold else '-'} | {files} | {served} |"
         )
     first = records[0] if records else {}
     host = first.get("host", {})
@@ -102,9 +129,11 @@ def summary(records: list[dict], command: str) -> str:
             "",
             "cold = `molecule converge` (site.yml on fresh systemd containers), warm =",
             "`molecule idempotence` (the same playbook again, changed=0 required). vllm_build =",
-            "profile_roles' time of the build role, which runs once per fleet; the last column is",
+            "profile_roles' time of the build role, which runs once per fleet; the sixth column is",
             "computed, not measured: (hosts - 1) x vllm_build, the build work that building on",
-            "every host would repeat.",
+            "every host would repeat. The last two: what the fleet cache (vllm-1) holds of the",
+            "controller's files (sent once), and what its nginx served the other hosts (its access",
+            "log's bytes of answers 200), in the cold run and in the warm re-run.",
             "",
             f"Command: `{command}`",
             "",
@@ -121,7 +150,7 @@ def git_commit() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hosts", type=int, nargs="+", default=[1, 3], choices=[1, 3])
+    ap.add_argument("--hosts", type=int, nargs="+", default=[1, 3, 5], choices=[1, 3, 5])
     ap.add_argument("--out", type=Path, default=RESULTS / "provision.jsonl")
     args = ap.parse_args()
 
@@ -159,6 +188,7 @@ def main() -> None:
             molecule("create", scenario, logs / f"{scenario}-create.log", env)
             molecule("prepare", scenario, logs / f"{scenario}-prepare.log", env)
             records = []
+            served_before = 0
             for phase, action in (("cold", "converge"), ("warm", "idempotence")):
                 log = logs / f"{scenario}-{phase}.log"
                 seconds = molecule(action, scenario, log, env)
@@ -176,6 +206,10 @@ def main() -> None:
                     "roles_seconds": role_seconds(log),
                     "changed": changed,
                 }
+                served, held = cache_bytes()
+                record["cache_served_bytes"] = served - served_before
+                record["cache_files_bytes"] = held
+                served_before = served
                 if phase == "warm" and any(changed.values()):
                     sys.exit(f"the warm re-run changed something: {changed} (log {log})")
                 records.append(record)
