@@ -4,9 +4,10 @@ the hub.
 
 Checked from the outside: the cache host's nginx access log names each download by the peer's
 address; the peer's files have the sha256 of the cache host's; the cache port refuses hosts
-outside the fleet (hf-standin, the gateway) and never serves a clone's .git; and with the peer cut
-off from the hub (an nftables table on the peer itself, removed afterwards) the model stage still
-publishes a fresh copy there while nobody clones. Traffic stays inside the test containers.
+outside the fleet (hf-standin, the gateway) and never serves a clone's .git or a file through a
+symbolic link; and with the peer cut off from the hub (an nftables table on the peer itself,
+removed afterwards) the model stage still publishes a fresh copy there while nobody clones.
+Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from urllib.parse import unquote
 
 import testinfra
 import testinfra.utils.ansible_runner
@@ -77,7 +79,7 @@ def test_the_peer_downloaded_its_wheelhouse_wheel_and_model_from_the_cache(host)
     assert wheelhouses and wheels, sorted(fetched)
     assert any(p.endswith("/model.safetensors") for p in fetched if p.startswith("/models/"))
     # what the peer holds is what the cache host received from the controller
-    for path in wheelhouses + wheels:
+    for path in map(unquote, wheelhouses + wheels):  # the log has the URL: "+" as %2B
         name = path.rsplit("/", 1)[1]
         local = host.check_output("find /opt/vllm -name %s -type f", name).splitlines()
         assert local, name
@@ -92,12 +94,20 @@ def test_the_cache_port_refuses_hosts_outside_the_fleet(host) -> None:
     assert rc == 0 and status in ("403", "404"), (rc, status)
 
 
-def test_the_cache_never_serves_a_clone_s_git_folder(host) -> None:
+def test_the_cache_never_serves_a_clone_s_git_folder_or_a_link_out_of_it(host) -> None:
     commit = CACHE.file(f"{MODEL}/current").linked_to.rsplit("/", 1)[1]
     base = f"http://{_address(CACHE)}:{PORT}/models/Qwen2.5-1.5B-Instruct/{commit}"
     assert CACHE.file(f"{MODEL}/{commit}/.git/config").exists
     assert _curl(host, f"{base}/.git/config") == (0, "403")
     assert _curl(host, f"{base}/config.json") == (0, "200")
+    # a symbolic link inside a model repository that names a world-readable file of the cache host
+    link = f"{MODEL}/{commit}/leak.txt"
+    CACHE.check_output("ln -sfn /etc/hostname %s", link)
+    try:
+        rc, status = _curl(host, f"{base}/leak.txt")
+        assert rc == 0 and status in ("403", "404"), status
+    finally:
+        CACHE.run("rm -f %s", link)
 
 
 def test_a_peer_cut_off_from_the_hub_gets_the_model_from_the_cache(host) -> None:

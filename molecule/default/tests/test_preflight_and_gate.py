@@ -75,10 +75,12 @@ CHANGE = {"vllm_service_max_num_seqs": 15}
         ("site.yml", {"vllm_service_port": "eighty"}, "vllm_service_port"),
         # a settings check in site.yml's preflight
         ("site.yml", {"vllm_service_kvcache_space_gib": 100000}, "does not fit"),
+        # a setting that must be the same on every host, given to one: the fleet cache's port
+        ("site.yml", {"fleet_cache_port": 8071}, "The fleet cache settings differ"),
         # the memory budget (weights + KV cache + overhead): every server, before the rollout
         ("playbooks/serve.yml", {"vllm_service_kvcache_space_gib": "MEM-1"}, "does not fit in"),
     ],
-    ids=["argument-spec", "settings", "memory-budget"],
+    ids=["argument-spec", "settings", "fleet-agreement", "memory-budget"],
 )
 def test_bad_value_on_one_host_leaves_every_host_unchanged(
     playbook: str, bad_value: dict, message: str
