@@ -6,7 +6,8 @@ Checked from the outside: the cache host's nginx access log names each download 
 address; the peer's files have the sha256 of the cache host's; the cache port refuses hosts
 outside the fleet (hf-standin, the gateway) and never serves a clone's .git or a file through a
 symbolic link; and with the peer cut off from the hub (an nftables table on the peer itself,
-removed afterwards) the model stage still publishes a fresh copy there while nobody clones.
+removed afterwards) the model stage still publishes a fresh copy there while nobody clones. A
+host that stops being the cache host removes the cache's site, firewall and folders, nothing else.
 Traffic stays inside the test containers.
 """
 
@@ -165,3 +166,45 @@ def test_a_file_that_differs_in_the_cache_is_never_published(host) -> None:
         host.run("rm -rf %s/.staging-%s", MODEL, commit)
         host.run("test -d %s && rm -rf %s || mv %s %s", served, aside, aside, served)
     assert CACHE.file(f"{served}/config.json").mode == mode
+
+
+def test_a_host_that_stops_being_the_cache_host_keeps_only_what_was_not_the_cache_s(host) -> None:
+    """vllm-2 alone (--limit) made the cache host, then not: its cache is served to vllm-1 (the
+    play asks vllm-1, outside the limit, for its address), then its site, firewall and the cache's
+    own folders go, while a file of someone else's in the same root stays."""
+    root = "/srv/vllm-test-cache"
+    keep = f"{root}/someone-elses.txt"
+    packages = (
+        "dpkg-query --show --showformat '${db:Status-Abbrev} ${Package}\\n' 'nginx*' 'libnginx*'"
+        " 2>/dev/null | awk '$1 == \"ii\" {print $2}'"
+    )
+    before = host.run(packages).stdout.split()
+    host.check_output("mkdir -p %s && echo kept > %s", root, keep)
+    try:
+        rc, out = run_playbook(
+            "playbooks/cache.yml",
+            "--limit",
+            PEER_NAME,
+            extra_vars={"fleet_cache_host": PEER_NAME, "fleet_cache_root": root},
+        )
+        assert rc == 0, out[-3000:]
+        assert host.file(f"{root}/.vllm-fleet-cache").exists
+        assert _curl(CACHE, f"http://{_address(host)}:{PORT}/files/")[1] in ("403", "404")
+        assert _curl(OUTSIDE, f"http://{_address(host)}:{PORT}/files/")[0] == REFUSED
+
+        rc, out = run_playbook(
+            "playbooks/cache.yml", "--limit", PEER_NAME, extra_vars={"fleet_cache_root": root}
+        )
+        assert rc == 0, out[-3000:]
+        assert not host.file("/etc/nginx/conf.d/vllm-fleet-cache.conf").exists
+        assert host.run("nft list table inet vllm_fleet_cache").rc != 0
+        assert host.run(f"ss -Htln 'sport = :{PORT}'").stdout.strip() == ""
+        assert sorted(host.check_output("ls -A %s", root).split()) == ["someone-elses.txt"]
+        assert host.file(keep).content_string == "kept\n"
+    finally:
+        host.run("rm -rf %s", root)
+        added = sorted(set(host.run(packages).stdout.split()) - set(before))
+        if added:
+            host.check_output(
+                "DEBIAN_FRONTEND=noninteractive apt-get purge -y -q" + " %s" * len(added), *added
+            )
