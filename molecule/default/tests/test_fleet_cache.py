@@ -202,6 +202,13 @@ def test_a_host_that_stops_being_the_cache_host_keeps_only_what_was_not_the_cach
         assert sorted(host.check_output("ls -A %s", root).split()) == ["someone-elses.txt"]
         assert host.file(keep).content_string == "kept\n"
     finally:
+        # whatever a failed run left: the site, the firewall (its unit, rules and table), the root
+        host.run(
+            "systemctl disable --now vllm-fleet-cache-firewall.service;"
+            " rm -f /etc/systemd/system/vllm-fleet-cache-firewall.service"
+            " /etc/nftables-vllm-fleet-cache.nft /etc/nginx/conf.d/vllm-fleet-cache.conf;"
+            " systemctl daemon-reload; nft delete table inet vllm_fleet_cache"
+        )
         host.run("rm -rf %s", root)
         added = sorted(set(host.run(packages).stdout.split()) - set(before))
         if added:
