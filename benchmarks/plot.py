@@ -5,9 +5,9 @@
 serving_throughput.png  aggregate output tokens/s vs concurrent streams, one line per configuration
                         (medians of the runs, min-max as error bars), from serving.jsonl's newest
                         session (or --session).
-provision.png           provisioning time vs number of hosts, cold and warm (medians, min-max), from
-                        provision.jsonl (records {"hosts": int, "phase": "cold"|"warm", "seconds":
-                        float}), when that file exists.
+provision.png           provisioning time vs number of hosts, cold and warm, from the newest run of
+                        each fleet size in provision.jsonl (records {"date": str, "hosts": int,
+                        "phase": "cold"|"warm", "seconds": float}), when that file exists.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
+from provision import newest  # benchmarks/provision.py, beside this file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
@@ -90,8 +91,11 @@ def plot_serving(records: list[dict[str, Any]], session: str | None, out: Path) 
     return session
 
 
-def plot_provision(records: list[dict[str, Any]], out: Path) -> None:
-    """Provisioning seconds vs hosts, one line per phase."""
+def plot_provision(records: list[dict[str, Any]], out: Path) -> str:
+    """Provisioning seconds vs hosts, one line per phase, from the newest run of each fleet size
+    (as results/provision.md); returns the dates of the runs shown."""
+    records = newest(records)
+    session = ", ".join(sorted({str(r["date"])[:10] for r in records}))
     by_phase: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         by_phase[str(r["phase"])][int(r["hosts"])].append(float(r["seconds"]))
@@ -111,12 +115,13 @@ def plot_provision(records: list[dict[str, Any]], out: Path) -> None:
     ax.set_xlabel("hosts")
     ax.set_ylabel("seconds")
     ax.set_ylim(bottom=0)
-    ax.set_title("Provisioning time vs number of hosts (median, min-max bars)", fontsize=9)
+    ax.set_title(f"Provisioning time vs number of hosts (runs of {session})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+    return session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     provision = args.results_dir / "provision.jsonl"
     if provision.is_file():
         out = args.results_dir / "provision.png"
-        plot_provision(read_jsonl(provision), out)
-        print(f"wrote {out}")
+        session = plot_provision(read_jsonl(provision), out)
+        print(f"wrote {out} (runs of {session})")
     return 0 if serving.is_file() else 1
 
 

@@ -79,7 +79,9 @@ def cache_bytes() -> tuple[int, int]:
     when it has none (a fleet of one host)."""
     script = (
         "log=/var/log/nginx/vllm-fleet-cache.access.log; files=/var/cache/vllm-fleet/files;"
-        " served=0; test -f $log && served=$(awk '$9 == 200 {s += $10} END {print s + 0}' $log);"
+        # %.0f: a sum of several GB, which awk would print as 2.4e+09 with print or cap with %d
+        " served=0; test -f $log &&"
+        " served=$(awk '$9 == 200 {s += $10} END {printf \"%.0f\", s}' $log);"
         " held=0; test -d $files && held=$(du -sbL $files | cut -f1); echo $served $held"
     )
     run = subprocess.run(
@@ -89,13 +91,32 @@ def cache_bytes() -> tuple[int, int]:
     return int(served), int(held)
 
 
+def newest(records: list[dict]) -> list[dict]:
+    """The newest record of each (fleet size, phase): a fleet size run again replaces its earlier
+    figures, and the others stay (`--hosts 5` alone adds to the 1- and 3-host results)."""
+    latest: dict[tuple[int, str], dict] = {}
+    for r in records:
+        key = (r["hosts"], r["phase"])
+        if key not in latest or r["date"] >= latest[key]["date"]:
+            latest[key] = r
+    return [latest[key] for key in sorted(latest)]
+
+
+def isa(host: dict) -> str:
+    """The recorded instruction sets, or why there are none."""
+    if "isa" not in host:
+        return "instruction sets not recorded"
+    return ", ".join(host["isa"]) or "no AVX2"
+
+
 def summary(records: list[dict], command: str) -> str:
-    """Markdown table of one session's records, with the saving of building once computed."""
+    """Markdown table of the newest record of each fleet size and phase, with the saving of
+    building once computed."""
     rows = [
         "| hosts | cold site.yml (s) | of which vllm_build (s) | warm re-run (s) | changed (warm) |"
         " building on every host adds (s of build work) | controller files on the cache (MB) |"
-        " cache served, cold / warm (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        " cache served, cold / warm (MB) | run (date, commit) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by_hosts: dict[int, dict[str, dict]] = {}
     for r in records:
@@ -104,26 +125,33 @@ def summary(records: list[dict], command: str) -> str:
         cold, warm = by_hosts[n].get("cold"), by_hosts[n].get("warm")
         build = cold["roles_seconds"].get("vllm_build", 0.0) if cold else 0.0
         mb = "{:.0f}".format
-        files = mb(cold["cache_files_bytes"] / 1e6) if cold else "-"
+        # Records from before the fleet cache have no byte counts.
+        files = mb(cold["cache_files_bytes"] / 1e6) if cold and "cache_files_bytes" in cold else "-"
         served = (
             f"{mb(cold['cache_served_bytes'] / 1e6)} / {mb(warm['cache_served_bytes'] / 1e6)}"
-            if cold and warm
+            if cold and warm and "cache_served_bytes" in cold
             else "-"
         )
+        run = cold or warm
         rows.append(
             f"| {n} | {cold['seconds'] if cold else '-'} | {build:.0f} | "
             f"{warm['seconds'] if warm else '-'} | "
             f"{sum(warm['changed'].values()) if warm else '-'} | "
             f"{f'{(n - 1) * build:.0f}' if cold else '-'} | {files} | {served} |"
+            f" {run['date']}, {run['commit']} |"
         )
-    first = records[0] if records else {}
-    host = first.get("host", {})
+    machines = sorted(
+        {
+            f"{h.get('cpu')} ({isa(h)}), {h.get('cores')} cores, {h.get('memory_gib')} GiB"
+            for h in (r.get("host", {}) for r in records)
+        }
+    )
     return "\n".join(
         [
             "# Provisioning benchmark",
             "",
-            f"Date {first.get('date')}, commit {first.get('commit')}, controller and hosts on one",
-            f"machine: {host.get('cpu')}, {host.get('cores')} cores, {host.get('memory_gib')} GiB.",
+            "The newest run of each fleet size (`provision.jsonl` keeps them all). Controller and",
+            f"hosts on one machine: {'; '.join(machines)}.",
             "",
             *rows,
             "",
@@ -166,20 +194,23 @@ def main() -> None:
     # The benchmark's scenarios are not in molecule/ (make test runs every scenario there).
     env.setdefault("MOLECULE_GLOB", "benchmarks/molecule/*/molecule.yml")
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []
+    )
     host = {
         "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
+            (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
             platform.processor(),
         ),
+        # The instruction sets that decide vLLM's CPU kernels, recorded with every result.
+        "isa": [
+            f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags
+        ],
         "cores": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    session: list[dict] = []
     for n in args.hosts:
         scenario = f"provision-{n}"
         print(f"== {n} fresh host(s): scenario {scenario}", flush=True)
@@ -221,10 +252,12 @@ def main() -> None:
             with args.out.open("a") as out:
                 for record in records:
                     out.write(json.dumps(record) + "\n")
-            session.extend(records)
         finally:
             molecule("destroy", scenario, logs / f"{scenario}-destroy.log", env)
-    table = summary(session, " ".join(["python", "benchmarks/provision.py", *sys.argv[1:]]))
+    everything = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    table = summary(
+        newest(everything), " ".join(["python", "benchmarks/provision.py", *sys.argv[1:]])
+    )
     args.out.with_suffix(".md").write_text(table)
     print(table, flush=True)
 
