@@ -87,8 +87,9 @@ ROUTING_ARGS ?=
 bench-routing: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/routing.py $(ROUTING_ARGS)
 
-# Cold site.yml on 1 and on 3 fresh systemd containers, then the warm re-run (benchmarks/molecule/,
-# Docker started and stopped by tests/molecule.sh). ~26 minutes on 2 cores; not part of `make test`.
+# Cold site.yml on 1, 3 and 5 fresh systemd containers, then the warm re-run, with the bytes the fleet
+# cache moved (benchmarks/molecule/, Docker started and stopped by tests/molecule.sh). About an hour on
+# 2 cores; not part of `make test`.
 bench-provision: venv host-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" MOLECULE_GLOB='benchmarks/molecule/*/molecule.yml' \
 	  bash tests/molecule.sh --exec $(BIN)/python benchmarks/provision.py
