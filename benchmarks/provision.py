@@ -125,11 +125,12 @@ def summary(records: list[dict], command: str) -> str:
         cold, warm = by_hosts[n].get("cold"), by_hosts[n].get("warm")
         build = cold["roles_seconds"].get("vllm_build", 0.0) if cold else 0.0
         mb = "{:.0f}".format
-        # Records from before the fleet cache have no byte counts.
-        files = mb(cold["cache_files_bytes"] / 1e6) if cold and "cache_files_bytes" in cold else "-"
+        # Records from before the fleet cache have no byte counts; a fleet of one host has no cache.
+        counted = n > 1 and cold and warm and "cache_files_bytes" in cold
+        files = mb(cold["cache_files_bytes"] / 1e6) if counted else "-"
         served = (
             f"{mb(cold['cache_served_bytes'] / 1e6)} / {mb(warm['cache_served_bytes'] / 1e6)}"
-            if cold and warm and "cache_served_bytes" in cold
+            if counted
             else "-"
         )
         run = cold or warm
@@ -159,11 +160,12 @@ def summary(records: list[dict], command: str) -> str:
             "`molecule idempotence` (the same playbook again, changed=0 required). vllm_build =",
             "profile_roles' time of the build role, which runs once per fleet; the sixth column is",
             "computed, not measured: (hosts - 1) x vllm_build, the build work that building on",
-            "every host would repeat. The last two: what the fleet cache (vllm-1) holds of the",
-            "controller's files (sent once), and what its nginx served the other hosts (its access",
-            "log's bytes of answers 200), in the cold run and in the warm re-run.",
+            "every host would repeat. The seventh and eighth: what the fleet cache (vllm-1) holds",
+            "of the controller's files (sent once), and what its nginx served the other hosts (its",
+            "access log's bytes of answers 200), in the cold run and in the warm re-run.",
             "",
-            f"Command: `{command}`",
+            f"Command of the newest run: `{command}`",
+            "(`make bench-provision` runs 1, 3 and 5 hosts).",
             "",
         ]
     )
