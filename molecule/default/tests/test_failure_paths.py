@@ -321,8 +321,24 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         shutil.rmtree(kept)
 
 
-def test_a_server_without_the_target_instruction_set_is_refused(host) -> None:
-    # No test CPU has AMX (the environment's CPUs: AVX2, some AVX-512, never AMX).
+@pytest.fixture
+def cpu_without_amx(host) -> Iterator[None]:
+    """HOST's /proc/cpuinfo without the AMX flags, whatever CPU the test machine has (some have
+    AMX): a copy bind-mounted over it inside HOST's container, unmounted afterwards."""
+    copy = "/run/cpuinfo-without-amx"
+    host.check_output("sed -E 's/ amx_[a-z0-9]+//g' /proc/cpuinfo > %s", copy)
+    host.check_output("mount --bind %s /proc/cpuinfo", copy)
+    try:
+        yield
+    finally:
+        host.check_output("umount /proc/cpuinfo")
+        host.check_output("rm -f %s", copy)
+
+
+def test_a_server_without_the_target_instruction_set_is_refused(
+    host, cpu_without_amx: None
+) -> None:
+    assert "amx_bf16" not in host.file("/proc/cpuinfo").content_string
     rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_cpu_isa="amx_bf16")
     assert rc != 0
     assert f"{HOST} cannot run a vLLM wheel built for amx_bf16: its CPU lacks" in out
