@@ -117,7 +117,7 @@ def test_the_configure_tag_runs_the_health_gate(bad_server_restored: None) -> No
         "--tags",
         "vllm_service_configure",
         vllm_service_extra_args=["--no-such-option"],
-        vllm_service_start_timeout=60,
+        vllm_service_start_timeout=30,
     )
     assert rc != 0
     assert "Write the systemd unit" in out
