@@ -88,10 +88,11 @@ def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
         limit=None,
         vllm_rollout_batch=1,
         vllm_service_extra_args=["--no-such-option"],
-        vllm_service_start_timeout=60,
+        vllm_service_start_timeout=300,
     )
     assert rc != 0
     assert "did not answer" in out and "Last lines of its journal" in out
+    assert "its process ended during the start" in out, out[-3000:]
     # vLLM's own complaint, read from the journal of the unit
     assert "--no-such-option" in out.split("Last lines of its journal", 1)[1]
     assert "--no-such-option" in first.file(UNIT).content_string

@@ -117,11 +117,14 @@ def test_the_configure_tag_runs_the_health_gate(bad_server_restored: None) -> No
         "--tags",
         "vllm_service_configure",
         vllm_service_extra_args=["--no-such-option"],
-        vllm_service_start_timeout=30,
+        # far longer than vLLM takes to refuse the flag: the gate must not wait for it
+        vllm_service_start_timeout=300,
     )
     assert rc != 0
     assert "Write the systemd unit" in out
     assert "did not answer" in out and "Last lines of its journal" in out
+    # the gate saw the process end (systemd's state of the unit), not the end of the start timeout
+    assert "its process ended during the start" in out, out[-3000:]
 
 
 @pytest.fixture
