@@ -45,9 +45,10 @@ def _main_pids() -> list[str]:
 
 @pytest.fixture
 def rolled_back() -> Iterator[None]:
-    """Whatever the test did, the next rollout puts the servers' own settings back."""
+    """Whatever the test did, the next rollout puts the servers' own settings back: both servers in
+    one batch (no load runs by then), which also proves a batch of more than one server."""
     yield
-    rc, out = _serve()
+    rc, out = _serve(vllm_rollout_batch=2)
     assert rc == 0, out[-3000:]
 
 
