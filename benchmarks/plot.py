@@ -13,7 +13,6 @@ provision.png           provisioning time vs number of hosts, cold and warm, fro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -24,7 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the non-interactive backend
-from provision import newest  # benchmarks/provision.py, beside this file
+from provision import newest, read_jsonl  # benchmarks/provision.py, beside this file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
@@ -32,11 +31,6 @@ LABELS = {
     "tuned": "tuned (this project's service)",
     "llamacpp": "llama.cpp llama-server",
 }
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every JSON object of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:

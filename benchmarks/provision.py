@@ -91,6 +91,11 @@ def cache_bytes() -> tuple[int, int]:
     return int(served), int(held)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Every JSON object of a JSON-lines file (also plot.py's reader)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def newest(records: list[dict]) -> list[dict]:
     """The newest record of each (fleet size, phase): a fleet size run again replaces its earlier
     figures, and the others stay (`--hosts 5` alone adds to the 1- and 3-host results)."""
@@ -256,7 +261,7 @@ def main() -> None:
                     out.write(json.dumps(record) + "\n")
         finally:
             molecule("destroy", scenario, logs / f"{scenario}-destroy.log", env)
-    everything = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
+    everything = read_jsonl(args.out)
     table = summary(
         newest(everything), " ".join(["python", "benchmarks/provision.py", *sys.argv[1:]])
     )
