@@ -10,7 +10,7 @@ INVENTORY ?= inventory
 SCENARIO ?= --all
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-plot bench-venv bench-provision compile bench-routing
+.PHONY: deploy test venv lint unit syntax collection molecule host-deps clean bench bench-serving bench-profile bench-plot bench-venv bench-provision compile bench-routing
 
 $(BIN)/.installed: requirements-dev.txt requirements.yml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,12 @@ bench-venv: $(BENCH_VENV)/.installed
 
 bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
+
+# Where a single-stream decode step of the tuned service spends its time: py-spy on vLLM's engine
+# (issue #16, benchmarks/decode_profile.py). About 5 minutes; options: PROFILE_ARGS="--seconds 60".
+PROFILE_ARGS ?=
+bench-profile: bench-venv
+	$(BENCH_VENV)/bin/python benchmarks/decode_profile.py $(PROFILE_ARGS)
 
 # Multi-turn conversations through nginx in front of two vLLM servers: least_conn, session affinity and
 # vllm-router's two policies (issue #15, benchmarks/routing.py). Needs Debian's nginx (apt-get install
