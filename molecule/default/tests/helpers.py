@@ -9,6 +9,11 @@ import re
 import subprocess
 from pathlib import Path
 
+# the gate's message when the server's process ended during its start, as the rescue renders it
+ENDED = re.compile(
+    r"its process ended during the start \(vllm\.service: \w+/[\w-]+, \d+ automatic restarts\)"
+)
+
 
 def api(host) -> str:
     """Base URL of the server: the address its unit listens on (see vllm_service_host)."""
