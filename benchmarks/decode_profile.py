@@ -2,9 +2,10 @@
 
 Starts serving.py's `tuned` configuration (the role's service for this host, same flags and
 environment) on the same random-weight model, sends one stream of completions that each decode
---tokens tokens, and samples the busiest process of the server (vLLM's engine core) with py-spy,
-native frames and threads included, for --seconds. Every sample of a thread that worked (helper
-threads that only wait are left out) is put in one bucket, by the innermost frame that names one:
+--tokens tokens, and samples the busiest process of the server (vLLM's worker) with py-spy (as
+root, or where ptrace is allowed), native frames and threads included, for --seconds. Every sample
+of a thread that worked (helper threads that only wait are left out) is put in one bucket, by the
+innermost frame that names one:
 attention, linear layers (GEMM), sampling, scheduling, the rest of the model (norms, rotary,
 activation, embedding), waiting (an OpenMP thread at a barrier, a thread blocked for work), other.
 Prints the table and appends one JSON line (with the CPU's model and flags) to
@@ -73,6 +74,8 @@ def shares_of(raw: Path) -> tuple[dict[str, float], int, int]:
     for counter in working:
         total.update(counter)
     n = sum(total.values())
+    if n == 0:
+        sys.exit(f"{raw}: no thread of the process worked while py-spy sampled")
     return {name: round(total[name] / n, 4) for name in [*BUCKETS, "other"]}, n, len(working)
 
 
@@ -140,11 +143,13 @@ def main() -> None:
                     [py_spy, "record", "--pid", str(engine.pid), "--native", "--threads",
                      "--rate", str(args.rate), "--duration", str(args.seconds),
                      "--format", "raw", "--output", str(raw)],
-                    check=True, capture_output=True,
+                    check=True,
                 )  # fmt: skip
             finally:
                 stop.set()
                 client.join()
+            if not rates:
+                sys.exit("no request finished while py-spy sampled: the profile shows no decode")
     finally:
         shutil.rmtree(state, ignore_errors=True)
     shares, total, nthreads = shares_of(raw)
