@@ -79,7 +79,7 @@ bench-venv: $(BENCH_VENV)/.installed
 bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
 
-# Where a single-stream decode step of the tuned service spends its time: py-spy on vLLM's engine
+# Where a single-stream decode step of the tuned service spends its time: py-spy on vLLM's worker
 # (issue #16, benchmarks/decode_profile.py). About 5 minutes; options: PROFILE_ARGS="--seconds 60".
 PROFILE_ARGS ?=
 bench-profile: bench-venv

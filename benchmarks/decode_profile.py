@@ -5,9 +5,9 @@ environment) on the same random-weight model, sends one stream of completions th
 --tokens tokens, and samples the busiest process of the server (vLLM's worker) with py-spy (as
 root, or where ptrace is allowed), native frames and threads included, for --seconds. Every sample
 of a thread that worked (helper threads that only wait are left out) is put in one bucket, by the
-innermost frame that names one:
-attention, linear layers (GEMM), sampling, scheduling, the rest of the model (norms, rotary,
-activation, embedding), waiting (an OpenMP thread at a barrier, a thread blocked for work), other.
+innermost frame that names one: attention, linear layers (GEMM), sampling, scheduling, the rest of
+the model (norms, rotary, activation, embedding), waiting (an OpenMP thread at a barrier, a thread
+blocked for work), other.
 Prints the table and appends one JSON line (with the CPU's model and flags) to
 results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requirements-bench.txt.
 
@@ -169,7 +169,7 @@ def main() -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     with (args.results_dir / "decode_profile.jsonl").open("a") as out:
         out.write(json.dumps(record) + "\n")
-    print(f"{total} samples of {nthreads} working threads of the engine, one stream decoding:")
+    print(f"{total} samples of {nthreads} working threads of vLLM's worker, one stream decoding:")
     for name, share in shares.items():
         print(f"  {name:24s} {100 * share:5.1f} %")
 
