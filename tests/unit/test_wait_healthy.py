@@ -1,0 +1,122 @@
+"""The health gate's probe (roles/vllm_service/files/wait_healthy.py), run as the role runs it.
+
+`python -I -S wait_healthy.py URL UNIT NRESTARTS` with a stand-in `systemctl` first on PATH (it
+prints the unit state a test gives it, in `systemctl show`'s format) and a real HTTP server on
+loopback for the health URL. The exit code is the gate's contract: 0 healthy, 4 the process ended
+(the gate fails at once), 3 not yet (the gate looks again).
+"""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+Server = http.server.ThreadingHTTPServer
+PROBE = Path(__file__).resolve().parents[2] / "roles/vllm_service/files/wait_healthy.py"
+ANSWERED, NOT_YET, ENDED = 0, 3, 4
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def health() -> Iterator[Server]:
+    server = Server(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    _Health.status = 200
+
+
+def _url(server: Server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/health"
+
+
+def _probe(
+    tmp_path: Path, url: str, shown: str | None, restarts_before: str = "0", **env: str
+) -> tuple[int, str]:
+    """Run the probe; `shown` is what `systemctl show` prints, None makes systemctl fail."""
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir(exist_ok=True)
+    if shown is None:
+        fake.write_text("#!/bin/sh\necho 'Failed to connect to bus' >&2\nexit 1\n")
+    else:
+        lines = " ".join(repr(part) for part in shown.split())
+        fake.write_text(f"#!/bin/sh\nprintf '%s\\n' {lines}\n")
+    fake.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(PROBE), url, "vllm.service", restarts_before],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": f"{fake.parent}:/usr/bin:/bin", **env},
+    )
+    return done.returncode, done.stdout.strip()
+
+
+RUNNING = "ActiveState=active SubState=running NRestarts=0"
+
+
+def test_a_running_unit_that_answers_is_healthy(tmp_path: Path, health: Server) -> None:
+    assert _probe(tmp_path, _url(health), RUNNING) == (ANSWERED, "")
+
+
+def test_a_proxy_in_the_environment_is_not_used(tmp_path: Path, health: Server) -> None:
+    dead = "http://127.0.0.1:9"
+    assert _probe(tmp_path, _url(health), RUNNING, http_proxy=dead, HTTP_PROXY=dead)[0] == ANSWERED
+
+
+def test_a_starting_server_that_does_not_answer_yet_is_not_yet(
+    tmp_path: Path, health: Server
+) -> None:
+    _Health.status = 503
+    code, why = _probe(tmp_path, _url(health), "ActiveState=activating SubState=start NRestarts=0")
+    assert code == NOT_YET and why.startswith("no answer from"), why
+
+
+def test_a_refused_connection_is_not_yet(tmp_path: Path, health: Server) -> None:
+    url = _url(health)
+    health.shutdown()
+    health.server_close()
+    code, why = _probe(tmp_path, url, RUNNING)
+    assert code == NOT_YET and "no answer from" in why, why
+
+
+@pytest.mark.parametrize(
+    ("shown", "restarts_before", "state"),
+    [
+        ("ActiveState=failed SubState=failed NRestarts=0", "0", "failed/failed, 0 automatic"),
+        ("ActiveState=inactive SubState=dead NRestarts=0", "0", "inactive/dead"),
+        ("ActiveState=activating SubState=auto-restart NRestarts=2", "2", "/auto-restart"),
+        ("ActiveState=active SubState=running NRestarts=1", "0", "active/running, 1 automatic"),
+    ],
+    ids=["failed", "stopped", "waiting-for-an-automatic-restart", "restarted-since-the-wait-began"],
+)
+def test_an_ended_process_fails_the_gate_at_once_even_if_the_url_answers(
+    tmp_path: Path, health: Server, shown: str, restarts_before: str, state: str
+) -> None:
+    code, why = _probe(tmp_path, _url(health), shown, restarts_before)
+    assert code == ENDED, why
+    assert why.startswith("its process ended during the start (vllm.service: "), why
+    assert state in why, why
+
+
+def test_an_unreadable_unit_state_is_not_yet(tmp_path: Path, health: Server) -> None:
+    code, why = _probe(tmp_path, _url(health), None)
+    assert code == NOT_YET and why.startswith("could not read the unit's state"), why
