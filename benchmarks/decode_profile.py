@@ -2,12 +2,12 @@
 
 Starts serving.py's `tuned` configuration (the role's service for this host, same flags and
 environment) on the same random-weight model, sends one stream of completions that each decode
---tokens tokens, and samples the busiest process of the server (vLLM's worker) with py-spy (as
-root, or where ptrace is allowed), native frames and threads included, for --seconds. Every sample
-of a thread that worked (helper threads that only wait are left out) is put in one bucket, by the
-innermost frame that names one: attention, linear layers (GEMM), sampling, scheduling, the rest of
-the model (norms, rotary, activation, embedding), waiting (an OpenMP thread at a barrier, a thread
-blocked for work), other.
+--tokens tokens (the benchmark's own `openai` client, servebench/client.py), and samples the
+busiest process of the server (vLLM's worker) with py-spy (as root, or where ptrace is allowed),
+native frames and threads included, for --seconds. Every sample of a thread that worked (helper
+threads that only wait are left out) is put in one bucket, by the innermost frame that names one:
+attention, linear layers (GEMM), sampling, scheduling, the rest of the model (norms, rotary,
+activation, embedding), waiting (an OpenMP thread at a barrier, a thread blocked for work), other.
 Prints the table and appends one JSON line (with the CPU's model and flags) to
 results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requirements-bench.txt.
 
@@ -17,6 +17,7 @@ results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import datetime as dt
 import json
@@ -25,13 +26,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
-from servebench import BENCH_CACHE, RESULTS, artifacts, configs, procs
+from servebench import BENCH_CACHE, RESULTS, artifacts, client, configs, procs
 from servebench.artifacts import log
-from serving import git_state, host_record
+from serving import first_added_token, git_state, host_record
 
 # bucket: words of a frame (function, file) that put a sample in it; checked from the innermost
 # frame outwards, the first bucket that matches wins
@@ -79,25 +79,21 @@ def shares_of(raw: Path) -> tuple[dict[str, float], int, int]:
     return {name: round(total[name] / n, 4) for name in [*BUCKETS, "other"]}, n, len(working)
 
 
-def load(url: str, tokens: int, stop: threading.Event, done: list[float]) -> None:
-    """One stream at a time: completions of exactly `tokens` tokens until stopped."""
-    body = json.dumps(
-        {
-            "model": "Qwen/Qwen2.5-1.5B-Instruct",
-            "prompt": "Tell me about memory bandwidth.",
-            "max_tokens": tokens,
-            "min_tokens": tokens,
-            "ignore_eos": True,
-        }
-    ).encode()
-    while not stop.is_set():
-        started = time.monotonic()
-        request = urllib.request.Request(
-            f"{url}/v1/completions", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=600) as response:
-            response.read()
-        done.append(tokens / (time.monotonic() - started))
+def load(
+    url: str, first_special: int, tokens: int, stop: threading.Event, done: list[float]
+) -> None:
+    """One stream at a time, with the benchmark's client: completions of exactly `tokens` tokens
+    until stopped; `done` gets each one's decode rate (first to last token)."""
+
+    async def run() -> None:
+        api, prompts = client.Client(url, "vllm"), client.Prompts(first_special, seed=0)
+        try:
+            while not stop.is_set():
+                done.append((await api.stream(prompts.make(8), tokens)).decode_rate)
+        finally:
+            await api.close()
+
+    asyncio.run(run())
 
 
 def busiest(pid: int) -> psutil.Process:
@@ -124,6 +120,7 @@ def main() -> None:
     model = artifacts.ensure_model("qwen2.5-1.5b-instruct")
     vllm_python = artifacts.ensure_vllm_venv()
     facts = configs.host_facts()
+    vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     state = BENCH_CACHE / "state" / f"profile-{session}"
     config = configs.tuned(vllm_python, model, args.port, state, facts)
@@ -133,7 +130,10 @@ def main() -> None:
             assert server.proc is not None
             log(f"tuned: started {server.wait_healthy(3600):.0f} s; decoding one stream ...")
             stop, rates = threading.Event(), []
-            client = threading.Thread(target=load, args=(server.url, args.tokens, stop, rates))
+            client = threading.Thread(
+                target=load,
+                args=(server.url, first_added_token(model, vocab_size), args.tokens, stop, rates),
+            )
             client.start()
             try:
                 time.sleep(5)  # past the first request's prefill
