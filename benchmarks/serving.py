@@ -66,6 +66,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="random-weight model made by tests/fixtures/make_tiny_qwen2.py (cached)",
     )
     which.add_argument("--model", type=Path, help="serve this model folder instead")
+    ap.add_argument(
+        "--precision",
+        choices=("bf16", "int8"),
+        default="bf16",
+        help="int8: vLLM serves the preset's model in compressed-tensors W8A8 int8, llama.cpp the"
+        " same weights as GGUF Q8_0 (summary in serving-int8.md)",
+    )
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")
     ap.add_argument(
         "--runs-for",
@@ -118,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prepare-only", action="store_true", help="make the cached artifacts, measure nothing"
     )
     args = ap.parse_args(argv)
+    if args.precision != "bf16" and args.model:
+        ap.error("--precision int8 makes its models from --model-preset, not --model")
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = set(args.configs) - set(configs.CONFIG_NAMES)
     if unknown:
@@ -308,19 +317,34 @@ def limits_dtype_guess(model_config: dict[str, Any]) -> str:
     return str(model_config.get("torch_dtype") or "bfloat16")
 
 
+def quantization_label(model_config: dict[str, Any]) -> str:
+    """A checkpoint's quantization as the role's tuning reads it, e.g. compressed-tensors w8a8."""
+    q = configs.load_tuning_module().quantization(model_config)
+    return f"{q['method']} w{q['weight_bits']}" + (
+        f"a{q['activation_bits']}" if q["activation_bits"] else ""
+    )
+
+
 def ceiling_record(
     config: configs.ServerConfig,
     model_config: dict[str, Any],
     dtype: str,
     read_gb_s: float,
     decode: dict[str, Any],
+    weights_bytes: int,
 ) -> dict[str, Any]:
     """Bytes per token for this server and its single-stream decode as a fraction of the ceiling."""
     kv_dtype = "float16" if config.kind == "llamacpp" else dtype  # llama.cpp: f16 KV cache
     context = decode["prompt_tokens"] + decode["tokens"] / 2
-    b = limits.bytes_per_token(model_config, dtype, kv_dtype, context)
+    # vLLM keeps a quantized checkpoint's weights as stored; `dtype` is then its activations'
+    quantized = config.kind == "vllm" and "quantization_config" in model_config
+    stored = weights_bytes if quantized else None
+    b = limits.bytes_per_token(model_config, dtype, kv_dtype, context, stored)
     top = limits.ceiling(read_gb_s, b["total"])
     return {
+        "weights": f"{quantization_label(model_config)}, {dtype} activations"
+        if quantized
+        else dtype,
         "compute_dtype": dtype,
         "kv_dtype": kv_dtype,
         "bytes_per_token": round(b["total"]),
@@ -443,7 +467,13 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
         f" logical), {host['numa_nodes']} NUMA node(s), {host['memtotal_mb']} MiB;"
         f" flags: {' '.join(host['flags'])}.",
         f"Model: {session['model']['name']} (random weights, {session['model']['dtype']},"
-        f" {session['model']['parameters'] / 1e9:.3f} B parameters).",
+        f" {session['model']['parameters'] / 1e9:.3f} B parameters"
+        + (
+            f"; precision {p}: vLLM serves this shape in compressed-tensors W8A8 int8, llama.cpp"
+            " the bf16 model converted to GGUF Q8_0)."
+            if (p := session["params"].get("precision", "bf16")) != "bf16"
+            else ")."
+        ),
         f"Memory bandwidth ceiling (torch; read, copy and triad with {bw['threads']}, half and"
         f" one thread, best of {bw['runs']} runs each), measured before each configuration: "
         + ", ".join(
@@ -481,7 +511,7 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
             continue
         cells = [
             name,
-            rs[0]["limit"]["compute_dtype"],
+            rs[0]["limit"].get("weights", rs[0]["limit"]["compute_dtype"]),
             fmt([r["decode"]["tokens_per_s"] for r in rs]),
             fmt([100 * r["limit"]["fraction_of_ceiling"] for r in rs], 1)
             + (" (above the ceiling!)" if any(r["limit"]["above_ceiling"] for r in rs) else ""),
@@ -498,9 +528,11 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
     lines += [
         "",
         "Ceiling = the best bandwidth measured / bytes read per decoded token (every weight at the"
-        " dtype the server computes in, the tied embedding matrix as the output projection, plus"
-        " the KV cache of the context). Start-up: from an empty cache folder (the first start of"
-        " each configuration in a session); with --restart-each-run later starts reuse the caches.",
+        " dtype the server computes in, or as stored when quantized: Q8_0 34 bytes per 32"
+        " weights, W8A8 its weight files; the tied embedding matrix as the output projection,"
+        " plus the KV cache of the context). Start-up: from an empty cache folder (the first start"
+        " of each configuration in a session); with --restart-each-run later starts reuse the"
+        " caches.",
         "",
         "Command: `" + session["command"] + "`",
         "",
@@ -518,13 +550,17 @@ def main(argv: list[str] | None = None) -> int:
             procs.require_free_port(ports[name])
     jobs = args.build_jobs or (len(configs.host_facts()["cpus"]) or 1)
 
-    model = args.model.resolve() if args.model else artifacts.ensure_model(args.model_preset)
+    quant = {"bf16": "none", "int8": "w8a8"}[args.precision]
+    model = args.model.resolve() if args.model else artifacts.ensure_model(args.model_preset, quant)
     vllm_python = artifacts.ensure_vllm_venv() if {"recipe", "tuned"} & set(args.configs) else None
     llama_dir = gguf = gguf_type = None
     if "llamacpp" in args.configs:
         llama_dir = artifacts.ensure_llama_server(jobs)
         vllm_python = vllm_python or artifacts.ensure_vllm_venv()  # the converter needs torch
-        gguf, gguf_type = artifacts.ensure_gguf(model, llama_dir, vllm_python)
+        # int8: llama.cpp's own 8-bit format, converted from the bf16 model by its converter
+        source = model if quant == "none" else artifacts.ensure_model(args.model_preset)
+        outtype = {"bf16": None, "int8": "q8_0"}[args.precision]
+        gguf, gguf_type = artifacts.ensure_gguf(source, llama_dir, vllm_python, outtype)
     if args.prepare_only:
         log("prepared: " + ", ".join(str(p) for p in (model, vllm_python, llama_dir, gguf) if p))
         return 0
@@ -577,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "params": {
             "runs": args.runs,
+            "precision": args.precision,
             "runs_of": args.runs_of,
             "configs": args.configs,
             "decode_tokens": args.decode_tokens,
@@ -656,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                     str(dtype),
                     config_bandwidth[name]["ceiling_gb_s"]["value"],
                     record["decode"],
+                    weights_bytes,
                 )
                 record["bandwidth"] = config_bandwidth[name]
             records.append(record)
@@ -683,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(state_root, ignore_errors=True)
 
     text = summary(records, session)
-    (args.results_dir / "serving.md").write_text(text)
+    md = "serving.md" if args.precision == "bf16" else f"serving-{args.precision}.md"
+    (args.results_dir / md).write_text(text)
     print(text)
     log(f"done in {(time.monotonic() - begin) / 60:.1f} min; records appended to {jsonl}")
     return 1 if any("error" in r for r in records) else 0

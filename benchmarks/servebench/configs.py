@@ -5,7 +5,8 @@ tuned     what roles/vllm_service writes for this host: the tuning of its filter
           (plugins/filter/vllm_tuning.py, called from tasks/tune.yml) fed this
           host's facts as Ansible gathers them, the flags of templates/vllm.service.j2 and the
           variables of templates/vllm.env.j2, with the role's defaults (defaults/main.yml).
-llamacpp  llama.cpp's llama-server on the same weights as GGUF at the weights' precision.
+llamacpp  llama.cpp's llama-server on the same weights as GGUF at the weights' precision (or
+          Q8_0, the 8-bit format llama.cpp's users take, with serving.py --precision int8).
 """
 
 from __future__ import annotations
@@ -278,7 +279,14 @@ def llamacpp(
     argv = [str(server), "--model", str(gguf), "--alias", SERVED_MODEL_NAME]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     argv += ["--parallel", "16", "--cont-batching", "--threads", str(cores)]
-    dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[gguf_type]
+    notes = [f"llama-server, GGUF {gguf_type}, {cores} threads, 16 slots"]
+    if gguf_type == "q8_0" and "amx_int8" in facts["flags"]:
+        # llama.cpp's AMX int8 path (an "extra buffer type") dies with SIGILL at its first tile
+        # instruction on these hosts (ggml-org/llama.cpp PR 26954, open). For Q8_0 on x86 it is
+        # the only extra buffer type (weight repacking has no x86 Q8_0 kernel): nothing else lost.
+        argv.append("--no-repack")
+        notes.append("--no-repack: without llama.cpp's AMX int8 path, which crashes here")
+    dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "q8_0": "q8_0"}[gguf_type]
     return ServerConfig(
         "llamacpp",
         argv,
@@ -288,5 +296,5 @@ def llamacpp(
         "llamacpp",
         dtype,
         {"threads": cores, "parallel": 16, "gguf": gguf.name},
-        [f"llama-server, GGUF {gguf_type}, {cores} threads, 16 slots"],
+        notes,
     )

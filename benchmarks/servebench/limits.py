@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# q8_0: llama.cpp's blocks of 32 int8 weights and one float16 scale (34 bytes per 32 weights)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": 34 / 32}
 
 
 def parameter_counts(config: dict[str, Any]) -> dict[str, int]:
@@ -45,12 +46,20 @@ def parameter_counts(config: dict[str, Any]) -> dict[str, int]:
 
 
 def bytes_per_token(
-    config: dict[str, Any], weight_dtype: str, kv_dtype: str, context: float
+    config: dict[str, Any],
+    weight_dtype: str,
+    kv_dtype: str,
+    context: float,
+    stored_weights: float | None = None,
 ) -> dict[str, float]:
-    """Bytes one decoded token reads: weights (lm_head = the embedding when tied) + KV cache."""
+    """Bytes one decoded token reads: weights (lm_head = the embedding when tied) + KV cache.
+
+    A checkpoint whose weights the server keeps as stored (a quantized one: int8 values, their
+    scales, the unquantized embedding) reads `stored_weights`, the size of its weight files (a
+    tied embedding is stored once and read once, as the output projection)."""
     p = parameter_counts(config)
     read = p["layers"] + p["final_norm"] + (p["lm_head"] or p["embedding"]) + p["hidden"]
-    weights = read * DTYPE_BYTES[weight_dtype]
+    weights = stored_weights if stored_weights else read * DTYPE_BYTES[weight_dtype]
     kv = context * p["kv_values_per_token"] * DTYPE_BYTES[kv_dtype]
     return {"weights": weights, "kv_cache": kv, "total": weights + kv, "context_tokens": context}
 
