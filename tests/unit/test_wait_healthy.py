@@ -51,14 +51,16 @@ def _url(server: Server) -> str:
 def _probe(
     tmp_path: Path, url: str, shown: str | None, restarts_before: str = "0", **env: str
 ) -> tuple[int, str]:
-    """Run the probe; `shown` is what `systemctl show` prints, None makes systemctl fail."""
+    """Run the probe; `shown` is what `systemctl show` prints, None makes systemctl fail. The
+    stand-in answers only the question the probe must ask (else it fails, as a wrong unit would)."""
     fake = tmp_path / "bin" / "systemctl"
     fake.parent.mkdir(exist_ok=True)
+    asked = '[ "$*" = "show --property=ActiveState,SubState,NRestarts vllm.service" ] || exit 2'
     if shown is None:
-        fake.write_text("#!/bin/sh\necho 'Failed to connect to bus' >&2\nexit 1\n")
+        fake.write_text(f"#!/bin/sh\n{asked}\necho 'Failed to connect to bus' >&2\nexit 1\n")
     else:
         lines = " ".join(repr(part) for part in shown.split())
-        fake.write_text(f"#!/bin/sh\nprintf '%s\\n' {lines}\n")
+        fake.write_text(f"#!/bin/sh\n{asked}\nprintf '%s\\n' {lines}\n")
     fake.chmod(0o755)
     done = subprocess.run(
         [sys.executable, "-I", "-S", str(PROBE), url, "vllm.service", restarts_before],
@@ -120,3 +122,4 @@ def test_an_ended_process_fails_the_gate_at_once_even_if_the_url_answers(
 def test_an_unreadable_unit_state_is_not_yet(tmp_path: Path, health: Server) -> None:
     code, why = _probe(tmp_path, _url(health), None)
     assert code == NOT_YET and why.startswith("could not read the unit's state"), why
+    assert "returned non-zero exit status 1" in why, why  # systemctl's failure, not a bug
