@@ -55,11 +55,15 @@ def bytes_per_token(
     """Bytes one decoded token reads: weights (lm_head = the embedding when tied) + KV cache.
 
     A checkpoint whose weights the server keeps as stored (a quantized one: int8 values, their
-    scales, the unquantized embedding) reads `stored_weights`, the size of its weight files (a
-    tied embedding is stored once and read once, as the output projection)."""
+    scales, the unquantized embedding) reads `stored_weights`, the size of its weight files: a
+    tied embedding is stored once and read once, as the output projection; an untied one (left
+    unquantized, at `weight_dtype`) is read one row per token, so the rest of it is taken off."""
     p = parameter_counts(config)
     read = p["layers"] + p["final_norm"] + (p["lm_head"] or p["embedding"]) + p["hidden"]
-    weights = stored_weights if stored_weights else read * DTYPE_BYTES[weight_dtype]
+    weights = read * DTYPE_BYTES[weight_dtype]
+    if stored_weights:
+        unread = (p["embedding"] - p["hidden"]) * DTYPE_BYTES[weight_dtype] if p["lm_head"] else 0
+        weights = stored_weights - unread
     kv = context * p["kv_values_per_token"] * DTYPE_BYTES[kv_dtype]
     return {"weights": weights, "kv_cache": kv, "total": weights + kv, "context_tokens": context}
 
