@@ -80,7 +80,8 @@ bench-serving: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/serving.py $(BENCH_ARGS)
 
 # Where a single-stream decode step of the tuned service spends its time: py-spy on vLLM's worker
-# (issue #16, benchmarks/decode_profile.py). About 5 minutes; options: PROFILE_ARGS="--seconds 60".
+# (issue #16, benchmarks/decode_profile.py). About 5 minutes; options: PROFILE_ARGS="--seconds 60
+# --process engine-core".
 PROFILE_ARGS ?=
 bench-profile: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/decode_profile.py $(PROFILE_ARGS)

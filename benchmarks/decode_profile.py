@@ -3,15 +3,17 @@
 Starts serving.py's `tuned` configuration (the role's service for this host, same flags and
 environment) on the same random-weight model, sends one stream of completions that each decode
 --tokens tokens (the benchmark's own `openai` client, servebench/client.py), and samples the
-busiest process of the server (vLLM's worker) with py-spy (as root, or where ptrace is allowed),
+server's worker process (vLLM's `VLLM::Worker`) with py-spy (as root, or where ptrace is allowed),
 native frames and threads included, for --seconds. Every sample of a thread that worked (helper
 threads that only wait are left out) is put in one bucket, by the innermost frame that names one:
 attention, linear layers (GEMM), sampling, scheduling, the rest of the model (norms, rotary,
 activation, embedding), waiting (an OpenMP thread at a barrier, a thread blocked for work), other.
-Prints the table and appends one JSON line (with the CPU's model and flags) to
+`--process engine-core` or `api-server` samples that process of the server instead (scheduling,
+inter-process messages, detokenizing, HTTP). Prints the table and the ten innermost Python functions
+with the most samples, and appends one JSON line (with the CPU's model and flags) to
 results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requirements-bench.txt.
 
-    python benchmarks/decode_profile.py [--seconds 40] [--tokens 256]
+    python benchmarks/decode_profile.py [--seconds 40] [--tokens 256] [--process engine-core]
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import asyncio
 import collections
 import datetime as dt
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -59,55 +63,106 @@ def bucket(frames: list[str]) -> str:
     return "other"
 
 
-def shares_of(raw: Path) -> tuple[dict[str, float], int, int]:
+def shares_of(raw: Path) -> tuple[dict[str, float], int, int, list[tuple[str, float]], bool]:
     """Bucket shares over the threads that worked (py-spy --threads puts each sample under its
     thread): threads that only waited (at least 95 % of their samples) are helper threads idle by
-    design and left out. Returns the shares, the samples counted and the threads counted."""
+    design and left out, unless every thread only waited. Returns the shares, the samples
+    counted, the threads counted, the ten innermost Python functions that took the most samples
+    (with their shares), and whether every thread only waited."""
     threads: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    inner: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         if stack:
-            threads[frames[0]][bucket(frames[1:])] += int(count)
-    working = [c for c in threads.values() if c[WAITING] < 0.95 * sum(c.values())]
-    total = collections.Counter()
-    for counter in working:
-        total.update(counter)
+            where = bucket(frames[1:])
+            threads[frames[0]][where] += int(count)
+            # native frames may lack symbols; torch's operator dispatch names no caller
+            python = [f for f in frames[1:] if ".py:" in f and "torch/_ops.py" not in f]
+            if python:  # a function, whatever line of it ran
+                inner[frames[0]][re.sub(r":\d+\)$", ")", python[-1])] += int(count)
+    working = [t for t, c in threads.items() if c[WAITING] < 0.95 * sum(c.values())]
+    only_waited = not working
+    if only_waited:  # a process that only waits (the engine core between steps): say how
+        working = list(threads)
+    total: collections.Counter[str] = collections.Counter()
+    frames_total: collections.Counter[str] = collections.Counter()
+    for thread in working:
+        total.update(threads[thread])
+        frames_total.update(inner[thread])
     n = sum(total.values())
     if n == 0:
-        sys.exit(f"{raw}: no thread of the process worked while py-spy sampled")
-    return {name: round(total[name] / n, 4) for name in [*BUCKETS, "other"]}, n, len(working)
+        sys.exit(f"{raw}: py-spy recorded no sample of the process")
+    top = [(frame, round(k / n, 4)) for frame, k in frames_total.most_common(10)]
+    shares = {name: round(total[name] / n, 4) for name in [*BUCKETS, "other"]}
+    return shares, n, len(working), top, only_waited
 
 
 def load(
-    url: str, first_special: int, tokens: int, stop: threading.Event, done: list[float]
+    url: str,
+    first_special: int,
+    tokens: int,
+    stop: threading.Event,
+    done: list[float],
+    failed: list[BaseException],
 ) -> None:
     """One stream at a time, with the benchmark's client: completions of exactly `tokens` tokens
-    until stopped; `done` gets each one's decode rate (first to last token)."""
+    until stopped; `done` gets each one's decode rate (first to last token), `failed` the error
+    that ended the stream early, if one did."""
 
     async def run() -> None:
         api, prompts = client.Client(url, "vllm"), client.Prompts(first_special, seed=0)
         try:
             while not stop.is_set():
-                done.append((await api.stream(prompts.make(8), tokens)).decode_rate)
+                rate = (await api.stream(prompts.make(8), tokens)).decode_rate
+                if math.isfinite(rate):
+                    done.append(rate)
         finally:
             await api.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except Exception as error:  # re-raised by main() once py-spy has finished
+        failed.append(error)
+        stop.set()
 
 
-def busiest(pid: int) -> psutil.Process:
-    """The process of the server's tree that used the most CPU over two seconds."""
-    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    for process in tree:
+# --process: vLLM's process titles (the API server is the process the benchmark started)
+TITLES = {"worker": "Worker", "engine-core": "EngineCore"}
+
+
+def pick(pid: int, which: str) -> psutil.Process:
+    """The server's process to sample: the API server, or the busiest (CPU over two seconds) of
+    the processes whose title names the worker or the engine core."""
+    root = psutil.Process(pid)
+    if which == "api-server":
+        return root
+
+    def title(process: psutil.Process) -> str:
+        try:  # the name is cut at 15 characters; the command line holds the whole title
+            return " ".join(process.cmdline())
+        except psutil.Error:  # ended meanwhile
+            return ""
+
+    tree = root.children(recursive=True)
+    found = [p for p in tree if TITLES[which] in title(p)]
+    if not found:
+        sys.exit(f"no {which} process under pid {pid}: {[title(p) for p in tree]}")
+    for process in found:
         process.cpu_percent()
     time.sleep(2)
-    return max(tree, key=lambda process: process.cpu_percent())
+    return max(found, key=lambda process: process.cpu_percent())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=40, help="how long py-spy samples")
+    ap.add_argument(
+        "--process",
+        choices=("worker", *sorted(set(TITLES) - {"worker"}), "api-server"),
+        default="worker",
+        help="the server process to sample (worker: the model's forward pass)",
+    )
     ap.add_argument("--tokens", type=int, default=256, help="tokens decoded per request")
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--port", type=int, default=18050)
@@ -129,49 +184,59 @@ def main() -> None:
         with procs.Server(config, BENCH_CACHE / "logs" / f"profile-{session}.log") as server:
             assert server.proc is not None
             log(f"tuned: started {server.wait_healthy(3600):.0f} s; decoding one stream ...")
-            stop, rates = threading.Event(), []
-            client = threading.Thread(
-                target=load,
-                args=(server.url, first_added_token(model, vocab_size), args.tokens, stop, rates),
+            stop, rates, failed = threading.Event(), [], []
+            first = first_added_token(model, vocab_size)
+            loader = threading.Thread(
+                target=load, args=(server.url, first, args.tokens, stop, rates, failed)
             )
-            client.start()
+            loader.start()
             try:
                 time.sleep(5)  # past the first request's prefill
-                engine = busiest(server.proc.pid)
-                log(f"sampling pid {engine.pid} ({engine.name()}) for {args.seconds} s ...")
+                target = pick(server.proc.pid, args.process)
+                log(f"sampling pid {target.pid} ({target.name()}) for {args.seconds} s ...")
                 subprocess.run(
-                    [py_spy, "record", "--pid", str(engine.pid), "--native", "--threads",
+                    [py_spy, "record", "--pid", str(target.pid), "--native", "--threads",
                      "--rate", str(args.rate), "--duration", str(args.seconds),
                      "--format", "raw", "--output", str(raw)],
                     check=True,
                 )  # fmt: skip
             finally:
                 stop.set()
-                client.join()
+                loader.join()
+            if failed:
+                raise RuntimeError(f"the stream failed while py-spy sampled: {failed[0]!r}")
             if not rates:
                 sys.exit("no request finished while py-spy sampled: the profile shows no decode")
     finally:
         shutil.rmtree(state, ignore_errors=True)
-    shares, total, nthreads = shares_of(raw)
+    shares, total, nthreads, top, only_waited = shares_of(raw)
     record = {
         "benchmark": "decode_profile",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git": git_state(),
         "host": host_record(facts),
         "settings": config.settings,
+        "process": args.process,
         "tokens_per_request": args.tokens,
         "decode_tok_s_under_py_spy": [round(r, 2) for r in rates],
         "samples": total,
         "threads": nthreads,
+        "every_thread_only_waited": only_waited,
         "shares": shares,
+        "top_frames": top,
         "raw_stacks": str(raw),
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     with (args.results_dir / "decode_profile.jsonl").open("a") as out:
         out.write(json.dumps(record) + "\n")
-    print(f"{total} samples of {nthreads} working threads of vLLM's worker, one stream decoding:")
+    print(f"{total} samples of {nthreads} thread(s) of vLLM's {args.process}, one stream decoding:")
     for name, share in shares.items():
         print(f"  {name:24s} {100 * share:5.1f} %")
+    if only_waited:
+        print("(every thread of it waited at least 95 % of its samples: all are counted)")
+    print("innermost Python functions:")
+    for frame, share in top:
+        print(f"  {100 * share:5.1f} %  {frame[:110]}")
 
 
 if __name__ == "__main__":
