@@ -52,6 +52,9 @@ FLAGS_OF_INTEREST = (
     "amx_int8",
 )
 GIB = 1024**3
+# --precision: the fixture's quantization of the preset for vLLM (make_tiny_qwen2.py --quant) and
+# the GGUF type llama.cpp's converter makes from the bf16 model (None: the weights' own precision)
+PRECISIONS = {"bf16": ("none", None), "int8": ("w8a8", "q8_0")}
 MIB = 1024**2
 
 
@@ -68,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--model", type=Path, help="serve this model folder instead")
     ap.add_argument(
         "--precision",
-        choices=("bf16", "int8"),
+        choices=sorted(PRECISIONS),
         default="bf16",
         help="int8: vLLM serves the preset's model in compressed-tensors W8A8 int8, llama.cpp the"
         " same weights as GGUF Q8_0 (summary in serving-int8.md)",
@@ -317,14 +320,6 @@ def limits_dtype_guess(model_config: dict[str, Any]) -> str:
     return str(model_config.get("torch_dtype") or "bfloat16")
 
 
-def quantization_label(model_config: dict[str, Any]) -> str:
-    """A checkpoint's quantization as the role's tuning reads it, e.g. compressed-tensors w8a8."""
-    q = configs.load_tuning_module().quantization(model_config)
-    return f"{q['method']} w{q['weight_bits']}" + (
-        f"a{q['activation_bits']}" if q["activation_bits"] else ""
-    )
-
-
 def ceiling_record(
     config: configs.ServerConfig,
     model_config: dict[str, Any],
@@ -336,15 +331,18 @@ def ceiling_record(
     """Bytes per token for this server and its single-stream decode as a fraction of the ceiling."""
     kv_dtype = "float16" if config.kind == "llamacpp" else dtype  # llama.cpp: f16 KV cache
     context = decode["prompt_tokens"] + decode["tokens"] / 2
-    # vLLM keeps a quantized checkpoint's weights as stored; `dtype` is then its activations'
-    quantized = config.kind == "vllm" and "quantization_config" in model_config
-    stored = weights_bytes if quantized else None
+    # vLLM keeps a quantized checkpoint's weights as stored; `dtype` is then its activations'.
+    # The quantization as the role's tuning reads it (e.g. compressed-tensors w8a8).
+    q = configs.load_tuning_module().quantization(model_config) if config.kind == "vllm" else None
+    stored = weights_bytes if q else None
     b = limits.bytes_per_token(model_config, dtype, kv_dtype, context, stored)
     top = limits.ceiling(read_gb_s, b["total"])
+    weights = dtype
+    if q:
+        bits = f"w{q['weight_bits']}" + (f"a{q['activation_bits']}" if q["activation_bits"] else "")
+        weights = f"{q['method']} {bits}, {dtype} activations"
     return {
-        "weights": f"{quantization_label(model_config)}, {dtype} activations"
-        if quantized
-        else dtype,
+        "weights": weights,
         "compute_dtype": dtype,
         "kv_dtype": kv_dtype,
         "bytes_per_token": round(b["total"]),
@@ -550,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.require_free_port(ports[name])
     jobs = args.build_jobs or (len(configs.host_facts()["cpus"]) or 1)
 
-    quant = {"bf16": "none", "int8": "w8a8"}[args.precision]
+    quant, outtype = PRECISIONS[args.precision]
     model = args.model.resolve() if args.model else artifacts.ensure_model(args.model_preset, quant)
     vllm_python = artifacts.ensure_vllm_venv() if {"recipe", "tuned"} & set(args.configs) else None
     llama_dir = gguf = gguf_type = None
@@ -559,7 +557,6 @@ def main(argv: list[str] | None = None) -> int:
         vllm_python = vllm_python or artifacts.ensure_vllm_venv()  # the converter needs torch
         # int8: llama.cpp's own 8-bit format, converted from the bf16 model by its converter
         source = model if quant == "none" else artifacts.ensure_model(args.model_preset)
-        outtype = {"bf16": None, "int8": "q8_0"}[args.precision]
         gguf, gguf_type = artifacts.ensure_gguf(source, llama_dir, vllm_python, outtype)
     if args.prepare_only:
         log("prepared: " + ", ".join(str(p) for p in (model, vllm_python, llama_dir, gguf) if p))
