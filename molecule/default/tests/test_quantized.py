@@ -1,34 +1,112 @@
-"""A quantized checkpoint deployed as a user would: the model role pointed at a W8A8 repository.
+"""Quantized checkpoints deployed as a user would: the model role pointed at their repository.
 
-The Hugging Face stand-in serves RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8: a tiny random-weight
-Qwen2 whose linear layers are int8 in compressed-tensors' W8A8 format, the format of
-llm-compressor's real checkpoints (tests/fixtures/make_tiny_qwen2.py --quant w8a8). The model and
-service stages run on one server with that repository, the server must answer chat from the int8
-weights, and the fleet's model is served again afterwards, whatever happened.
+The Hugging Face stand-in serves tiny random-weight Qwen2 models in the formats of the real
+checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
+- RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8: int8 weights and activations in compressed-tensors'
+  W8A8 format, as llm-compressor writes them. vLLM 0.32 serves it on every x86 CPU it supports.
+- Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4: 4-bit weights in GPTQ's format (float16 scales per 128
+  inputs), as Qwen publishes them. vLLM 0.32's 4-bit kernel is built for AVX-512 only.
+Each checkpoint goes to its own server, whose model and service stages run with that repository
+(the servers whose CPU can run theirs in one run, side by side). Where the CPU has what the
+checkpoint's kernel needs, the server must answer chat from the quantized weights; where it has
+not, the service stage must refuse it, saying why, before it changes anything. Either way the
+fleet's model is served again afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
+import testinfra
 import testinfra.utils.ansible_runner
 from helpers import api, api_key, run_playbook
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-HOST = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")[-1]
-testinfra_hosts = [HOST]
-REPO = "http://hf-standin:8080/RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8"
-NAME = "Qwen2.5-1.5B-Instruct-quantized.w8a8"
-SERVED = "RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8"
+SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 FLEET_MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct/current"
 
 
-def _stage(playbook: str, **extra_vars: object) -> tuple[int, str]:
-    return run_playbook(f"playbooks/{playbook}", "--limit", HOST, extra_vars=extra_vars)
+@dataclass(frozen=True)
+class Checkpoint:
+    repo: str  # the repository id on the stand-in, as on huggingface.co
+    tuning: str  # what the service stage's tuning says it read from the checkpoint
+    engine: tuple[str, ...]  # what vLLM's journal says it loaded it with
+    config: tuple[str, object]  # a key of its quantization_config and the value of that format
+    needs: str | None  # the CPU flag its kernel needs (None: every x86 CPU vLLM 0.32 supports)
+    refusal: str | None  # what the preflight says on a CPU without it
+
+    @property
+    def name(self) -> str:
+        return self.repo.split("/")[1]
+
+
+CHECKPOINTS = {
+    "w8a8": Checkpoint(
+        repo="RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8",
+        tuning="compressed-tensors w8a8",
+        engine=("quantization=compressed-tensors",),
+        config=("format", "int-quantized"),
+        needs=None,
+        refusal=None,
+    ),
+    "gptq-int4": Checkpoint(
+        repo="Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4",
+        tuning="gptq w4",
+        # vLLM's CPU platform loads GPTQ as auto_gptq, with its 4-bit kernel
+        engine=("quantization=auto_gptq", "Using CPUWNA16LinearKernel for AutoGPTQLinearMethod"),
+        config=("checkpoint_format", "gptq"),
+        needs="avx512f",
+        refusal="gptq 4-bit weights need AVX-512",
+    ),
+}
+# one server per checkpoint
+assert len(SERVERS) >= len(CHECKPOINTS), SERVERS
+PLACED = dict(zip(sorted(CHECKPOINTS), SERVERS, strict=False))
+
+
+@dataclass
+class Deployed:
+    runnable: bool  # this CPU has what the checkpoint's kernel needs
+    since: str  # when the service stage began, for the journal
+    rc: int  # the exit code and the output of the service stage that deployed it
+    out: str
+    before: tuple[str, str, str]  # the unit's and environment file's sha256 and vLLM's main pid
+    after: tuple[str, str, str]
+
+
+def _host(name: str):  # noqa: ANN202 - a testinfra Host
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+
+
+def _stage(playbook: str, hosts: list[str], host_vars: dict, **extra: object) -> tuple[int, str]:
+    """Run a stage on `hosts`, with variables per host (a second inventory source)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as inventory:
+        json.dump({"all": {"hosts": {h: host_vars.get(h, {}) for h in hosts}}}, inventory)
+    try:
+        return run_playbook(
+            f"playbooks/{playbook}",
+            "--limit",
+            ",".join(hosts),
+            extra_vars=extra,
+            inventories=(inventory.name,),
+        )
+    finally:
+        os.unlink(inventory.name)
+
+
+def _state(host) -> tuple[str, str, str]:
+    return (
+        host.file("/etc/systemd/system/vllm.service").sha256sum,
+        host.file("/etc/vllm/vllm.env").sha256sum,
+        host.check_output("systemctl show --property MainPID --value vllm"),
+    )
 
 
 def _get(host, path: str, body: dict | None = None) -> dict:
@@ -42,41 +120,90 @@ def _get(host, path: str, body: dict | None = None) -> dict:
     return json.loads(out)
 
 
-@pytest.fixture
-def w8a8_served(host) -> Iterator[str]:
-    """Serve the W8A8 repository on HOST; then the fleet's model again, and its folder goes."""
-    since = host.check_output("date '+%Y-%m-%d %H:%M:%S'")
+@pytest.fixture(scope="module")
+def deployed() -> Iterator[dict[str, Deployed]]:
+    """Each checkpoint deployed on its server: the model stage for all, then one service stage for
+    the servers that can run theirs (side by side) and one for each that cannot (its preflight
+    stops the run). Afterwards the service stage with the fleet's own model, and the folders go."""
+    hosts = {key: _host(name) for key, name in PLACED.items()}
+    model_vars = {
+        PLACED[key]: {
+            "vllm_model_repo_url": f"http://hf-standin:8080/{c.repo}",
+            "vllm_model_name": c.name,
+            "vllm_service_served_model_name": c.repo,
+        }
+        for key, c in CHECKPOINTS.items()
+    }
+    runnable = {
+        key: c.needs is None
+        or c.needs in hosts[key].check_output("grep -m1 '^flags' /proc/cpuinfo").split()
+        for key, c in CHECKPOINTS.items()
+    }
+    result: dict[str, Deployed] = {}
     try:
-        rc, out = _stage("model.yml", vllm_model_repo_url=REPO, vllm_model_name=NAME)
+        rc, out = _stage("model.yml", list(PLACED.values()), model_vars)
         assert rc == 0, out[-3000:]
-        rc, out = _stage("serve.yml", vllm_model_name=NAME, vllm_service_served_model_name=SERVED)
-        assert rc == 0, out[-3000:]
-        # the tuning read the checkpoint's quantization_config (int8 weights and activations)
-        assert "quantization compressed-tensors w8a8," in out, out[-3000:]
-        yield since
+        runs = [[key for key in CHECKPOINTS if runnable[key]]]
+        runs += [[key] for key in CHECKPOINTS if not runnable[key]]
+        for keys in filter(None, runs):
+            since = {key: hosts[key].check_output("date '+%Y-%m-%d %H:%M:%S'") for key in keys}
+            before = {key: _state(hosts[key]) for key in keys}
+            rc, out = _stage(
+                "serve.yml", [PLACED[key] for key in keys], model_vars, vllm_rollout_batch=len(keys)
+            )
+            for key in keys:
+                result[key] = Deployed(
+                    runnable[key], since[key], rc, out, before[key], _state(hosts[key])
+                )
+        yield result
     finally:
-        rc, out = _stage("serve.yml")
-        host.run("rm -rf %s", f"/opt/vllm/models/{NAME}")
+        rc, out = _stage("serve.yml", list(PLACED.values()), {}, vllm_rollout_batch=len(PLACED))
+        for key, c in CHECKPOINTS.items():
+            hosts[key].run("rm -rf %s", f"/opt/vllm/models/{c.name}")
         assert rc == 0, out[-3000:]
-        assert _get(host, "/v1/models")["data"][0]["id"] == "Qwen/Qwen2.5-1.5B-Instruct"
+        for host in hosts.values():
+            assert _get(host, "/v1/models")["data"][0]["id"] == "Qwen/Qwen2.5-1.5B-Instruct"
 
 
-def test_a_w8a8_int8_checkpoint_is_served_and_answers_chat(host, w8a8_served: str) -> None:
-    # vLLM loaded it as a compressed-tensors checkpoint (its engine config, in the unit's journal)
-    journal = host.check_output(
-        "journalctl --unit vllm --since %s --no-pager --output cat", w8a8_served
+@pytest.mark.parametrize("key", sorted(CHECKPOINTS))
+def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it_cannot(
+    deployed: dict[str, Deployed], key: str
+) -> None:
+    checkpoint, done, host = CHECKPOINTS[key], deployed[key], _host(PLACED[key])
+    if not done.runnable:
+        # refused by the preflight, in words, before the unit or the running server changed
+        assert done.rc != 0
+        assert checkpoint.refusal and checkpoint.refusal in done.out, done.out[-3000:]
+        assert "Write the systemd unit" not in done.out
+        assert done.after == done.before
+        return
+    assert done.rc == 0, done.out[-3000:]
+    # the tuning read the checkpoint's quantization_config
+    tuning = re.search(
+        rf"ok: \[{re.escape(PLACED[key])}\] => msg: dtype .*? quantization ([^,]+),", done.out
     )
-    assert "quantization=compressed-tensors" in journal, journal[-3000:]
+    assert tuning and tuning.group(1) == checkpoint.tuning, done.out[-3000:]
+    # vLLM loaded it as that kind of checkpoint (the unit's journal)
+    journal = host.check_output(
+        "journalctl --unit vllm --since %s --no-pager --output cat", done.since
+    )
+    for line in checkpoint.engine:
+        assert line in journal, journal[-3000:]
     model = _get(host, "/v1/models")["data"][0]
-    assert model["id"] == SERVED
-    assert host.file(model["root"]).linked_to.startswith(f"/opt/vllm/models/{NAME}/")
+    assert model["id"] == checkpoint.repo
+    assert host.file(model["root"]).linked_to.startswith(f"/opt/vllm/models/{checkpoint.name}/")
     assert host.file(model["root"]).linked_to != host.file(FLEET_MODEL).linked_to
     config = json.loads(host.file(f"{model['root']}/config.json").content_string)
-    assert config["quantization_config"]["format"] == "int-quantized"
+    key_, value = checkpoint.config
+    assert config["quantization_config"][key_] == value
     answer = _get(
         host,
         "/v1/chat/completions",
-        {"model": SERVED, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+        {
+            "model": checkpoint.repo,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+        },
     )
     assert answer["usage"]["completion_tokens"] > 0
     assert answer["choices"][0]["message"]["content"]
