@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -43,6 +43,26 @@ def raise_on_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM, SIGHUP and SIGINT while stopping a server: a second signal (a supervisor that
+    repeats its SIGTERM) must not cut the stop short and leave the server running. A signal that
+    came meanwhile is handled, by its usual handler, once the block is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    usual = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in usual.items():
+            signal.signal(sig, handler)
+        if came and callable(usual[came[0]]):
+            usual[came[0]](came[0], None)
 
 
 def require_free_port(port: int) -> None:
@@ -234,6 +254,11 @@ class Server:
         """SIGTERM to the process group, wait, then SIGKILL to the group and every pid seen."""
         if self.proc is None:
             return
+        with signals_deferred():
+            self._stop()
+
+    def _stop(self) -> None:
+        assert self.proc is not None
         seen = dict(self.sampler.pids) if self.sampler else {}
         if self.sampler:
             self.sampler.stop()
