@@ -3,14 +3,16 @@
 The Hugging Face stand-in serves tiny random-weight Qwen2 models in the formats of the real
 checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
 - RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8: int8 weights and activations in compressed-tensors'
-  W8A8 format, as llm-compressor writes them. vLLM 0.32 serves it on every x86 CPU it supports.
+  W8A8 format, as llm-compressor writes them. vLLM 0.32 builds its int8 kernels for AVX2 too.
 - Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4: 4-bit weights in GPTQ's format (float16 scales per 128
   inputs), as Qwen publishes them. vLLM 0.32's 4-bit kernel is built for AVX-512 only.
 Each checkpoint goes to its own server, whose model and service stages run with that repository
-(the servers whose CPU can run theirs in one run, side by side). Where the CPU has what the
-checkpoint's kernel needs, the server must answer chat from the quantized weights; where it has
-not, the service stage must refuse it, saying why, before it changes anything. Either way the
-fleet's model is served again afterwards.
+(the servers whose CPU can run theirs in one service stage, side by side). Where the CPU has what
+the checkpoint's kernel needs, the server must answer chat from the quantized weights; where it has
+not, the service stage must refuse it, saying why, before it changes anything. So that the refusal
+runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
+without the AVX-512 flags (a bind mount, as LXCFS does for containers). Afterwards the fleet's model
+is served again, and the checkpoints' folders (and the fleet cache's entries) go.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from helpers import api, api_key, run_playbook
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 FLEET_MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct/current"
+CACHE_MODELS = "/var/cache/vllm-fleet/models"  # fleet_cache_root: the cache host offers them there
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,11 @@ def _stage(playbook: str, hosts: list[str], host_vars: dict, **extra: object) ->
         os.unlink(inventory.name)
 
 
+def _recap_ok(name: str, out: str) -> bool:
+    """Whether the run's recap has `name` neither failed nor unreachable."""
+    return bool(re.search(rf"{re.escape(name)} : ok=\d+ changed=\d+ unreachable=0 failed=0 ", out))
+
+
 def _state(host) -> tuple[str, str, str]:
     return (
         host.file("/etc/systemd/system/vllm.service").sha256sum,
@@ -120,24 +128,36 @@ def _get(host, path: str, body: dict | None = None) -> dict:
     return json.loads(out)
 
 
+def _deploying(checkpoint: Checkpoint) -> dict[str, str]:
+    """A server's variables that point the model and service stages at the checkpoint."""
+    return {
+        "vllm_model_repo_url": f"http://hf-standin:8080/{checkpoint.repo}",
+        "vllm_model_name": checkpoint.name,
+        "vllm_service_served_model_name": checkpoint.repo,
+    }
+
+
+def _flags(host) -> list[str]:
+    return host.check_output("grep -m1 '^flags' /proc/cpuinfo").split()
+
+
+def _assert_refused(checkpoint: Checkpoint, done: Deployed) -> None:
+    """Refused by the preflight, in words, before the unit or the running server changed."""
+    assert done.rc != 0
+    assert checkpoint.refusal and checkpoint.refusal in done.out, done.out[-3000:]
+    assert "Write the systemd unit" not in done.out
+    assert done.after == done.before
+
+
 @pytest.fixture(scope="module")
 def deployed() -> Iterator[dict[str, Deployed]]:
     """Each checkpoint deployed on its server: the model stage for all, then one service stage for
     the servers that can run theirs (side by side) and one for each that cannot (its preflight
     stops the run). Afterwards the service stage with the fleet's own model, and the folders go."""
     hosts = {key: _host(name) for key, name in PLACED.items()}
-    model_vars = {
-        PLACED[key]: {
-            "vllm_model_repo_url": f"http://hf-standin:8080/{c.repo}",
-            "vllm_model_name": c.name,
-            "vllm_service_served_model_name": c.repo,
-        }
-        for key, c in CHECKPOINTS.items()
-    }
+    model_vars = {PLACED[key]: _deploying(c) for key, c in CHECKPOINTS.items()}
     runnable = {
-        key: c.needs is None
-        or c.needs in hosts[key].check_output("grep -m1 '^flags' /proc/cpuinfo").split()
-        for key, c in CHECKPOINTS.items()
+        key: c.needs is None or c.needs in _flags(hosts[key]) for key, c in CHECKPOINTS.items()
     }
     result: dict[str, Deployed] = {}
     try:
@@ -158,8 +178,9 @@ def deployed() -> Iterator[dict[str, Deployed]]:
         yield result
     finally:
         rc, out = _stage("serve.yml", list(PLACED.values()), {}, vllm_rollout_batch=len(PLACED))
-        for key, c in CHECKPOINTS.items():
-            hosts[key].run("rm -rf %s", f"/opt/vllm/models/{c.name}")
+        for host in hosts.values():
+            for c in CHECKPOINTS.values():
+                host.run("rm -rf %s %s", f"/opt/vllm/models/{c.name}", f"{CACHE_MODELS}/{c.name}")
         assert rc == 0, out[-3000:]
         for host in hosts.values():
             assert _get(host, "/v1/models")["data"][0]["id"] == "Qwen/Qwen2.5-1.5B-Instruct"
@@ -171,16 +192,14 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
 ) -> None:
     checkpoint, done, host = CHECKPOINTS[key], deployed[key], _host(PLACED[key])
     if not done.runnable:
-        # refused by the preflight, in words, before the unit or the running server changed
-        assert done.rc != 0
-        assert checkpoint.refusal and checkpoint.refusal in done.out, done.out[-3000:]
-        assert "Write the systemd unit" not in done.out
-        assert done.after == done.before
+        _assert_refused(checkpoint, done)
         return
-    assert done.rc == 0, done.out[-3000:]
-    # the tuning read the checkpoint's quantization_config
+    # its server's part of the shared run (the run's exit code would blame the other one too)
+    assert _recap_ok(PLACED[key], done.out), done.out[-3000:]
+    # the tuning read the checkpoint's quantization_config (the message is quoted when its dtype
+    # reason holds ": ")
     tuning = re.search(
-        rf"ok: \[{re.escape(PLACED[key])}\] => msg: dtype .*? quantization ([^,]+),", done.out
+        rf"ok: \[{re.escape(PLACED[key])}\] => msg: '?dtype .*? quantization ([^,]+),", done.out
     )
     assert tuning and tuning.group(1) == checkpoint.tuning, done.out[-3000:]
     # vLLM loaded it as that kind of checkpoint (the unit's journal)
@@ -207,3 +226,30 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
     )
     assert answer["usage"]["completion_tokens"] > 0
     assert answer["choices"][0]["message"]["content"]
+
+
+@pytest.fixture
+def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
+    """The 4-bit checkpoint's server with a /proc/cpuinfo without the AVX-512 and AMX flags (bind
+    mounted over it; its running vLLM is not affected), unmounted afterwards; yields its name."""
+    name = PLACED["gptq-int4"]
+    host = _host(name)
+    fake = "/run/cpuinfo-without-avx512"
+    host.check_output(
+        "sed -E '/^flags/ s/ (avx512[a-z0-9_]*|amx[a-z0-9_]*)//g' /proc/cpuinfo > %s", fake
+    )
+    host.check_output("mount --bind %s /proc/cpuinfo", fake)
+    try:
+        assert not {"avx512f", "amx_tile"} & set(_flags(host))
+        yield name
+    finally:
+        host.run("umount /proc/cpuinfo")
+        host.run("rm -f %s", fake)
+        assert "avx512f" in _flags(host) or not deployed["gptq-int4"].runnable
+
+
+def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: str) -> None:
+    checkpoint, host = CHECKPOINTS["gptq-int4"], _host(without_avx512)
+    before = _state(host)
+    rc, out = _stage("serve.yml", [without_avx512], {without_avx512: _deploying(checkpoint)})
+    _assert_refused(checkpoint, Deployed(False, "", rc, out, before, _state(host)))
