@@ -33,36 +33,47 @@ class BenchInterrupted(Exception):
     """SIGTERM or SIGHUP arrived: unwind so that every finally block stops its server."""
 
 
+# Signals that came while a server was being stopped (signals_deferred), handled afterwards.
+_held: list[int] = []
+_holding = 0
+
+
+def _interrupt(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise BenchInterrupted(f"signal {signal.Signals(signum).name}")
+
+
 def raise_on_signals() -> None:
     """Turn SIGTERM/SIGHUP into an exception, and make SIGINT raise KeyboardInterrupt even where
-    it was ignored (a shell starts background jobs with SIGINT ignored)."""
+    it was ignored (a shell starts background jobs with SIGINT ignored); while a server is being
+    stopped (signals_deferred) they are held instead."""
 
     def handler(signum: int, _frame: object) -> None:
-        raise BenchInterrupted(f"signal {signal.Signals(signum).name}")
+        if _holding:
+            _held.append(signum)
+        else:
+            _interrupt(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGTERM, SIGHUP and SIGINT while stopping a server: a second signal (a supervisor that
-    repeats its SIGTERM) must not cut the stop short and leave the server running. A signal that
-    came meanwhile is handled, by its usual handler, once the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    held = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-    usual = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in held}
+    """Hold the signals of raise_on_signals while stopping a server: a second signal (a supervisor
+    that repeats its SIGTERM) must not cut the stop short and leave the server running. The first
+    signal that came meanwhile interrupts the run once the outermost block is done."""
+    global _holding
+    _holding += 1
     try:
         yield
     finally:
-        for sig, handler in usual.items():
-            signal.signal(sig, handler)
-        if came and callable(usual[came[0]]):
-            usual[came[0]](came[0], None)
+        _holding -= 1
+        if not _holding and _held:
+            signum = _held[0]
+            _held.clear()
+            _interrupt(signum)
 
 
 def require_free_port(port: int) -> None:

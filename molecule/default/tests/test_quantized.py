@@ -34,6 +34,8 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 FLEET_MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct/current"
 CACHE_MODELS = "/var/cache/vllm-fleet/models"  # fleet_cache_root: the cache host offers them there
+# the /proc/cpuinfo without AVX-512 flags, bind-mounted over the real one (see without_avx512)
+FAKE_CPUINFO = "/run/cpuinfo-without-avx512"
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ def _stage(playbook: str, hosts: list[str], host_vars: dict, **extra: object) ->
 
 def _recap_ok(name: str, out: str) -> bool:
     """Whether the run's recap has `name` neither failed nor unreachable."""
-    return bool(re.search(rf"{re.escape(name)} : ok=\d+ changed=\d+ unreachable=0 failed=0 ", out))
+    return bool(
+        re.search(rf"(?<!\S){re.escape(name)} : ok=\d+ changed=\d+ unreachable=0 failed=0 ", out)
+    )
 
 
 def _state(host) -> tuple[str, str, str]:
@@ -155,6 +159,9 @@ def deployed() -> Iterator[dict[str, Deployed]]:
     the servers that can run theirs (side by side) and one for each that cannot (its preflight
     stops the run). Afterwards the service stage with the fleet's own model, and the folders go."""
     hosts = {key: _host(name) for key, name in PLACED.items()}
+    for host in hosts.values():
+        # the flags below must be the CPU's: a killed run may have left its fake cpuinfo mounted
+        assert not host.file(FAKE_CPUINFO).exists, f"{FAKE_CPUINFO} is left mounted: umount it"
     model_vars = {PLACED[key]: _deploying(c) for key, c in CHECKPOINTS.items()}
     runnable = {
         key: c.needs is None or c.needs in _flags(hosts[key]) for key, c in CHECKPOINTS.items()
@@ -231,21 +238,24 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
 @pytest.fixture
 def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
     """The 4-bit checkpoint's server with a /proc/cpuinfo without the AVX-512 and AMX flags (bind
-    mounted over it; its running vLLM is not affected), unmounted afterwards; yields its name."""
+    mounted over it; its running vLLM is not affected), unmounted afterwards; yields its name.
+    After `deployed`, which put the checkpoint's folder on that server."""
     name = PLACED["gptq-int4"]
     host = _host(name)
-    fake = "/run/cpuinfo-without-avx512"
+    real = _flags(host)
     host.check_output(
-        "sed -E '/^flags/ s/ (avx512[a-z0-9_]*|amx[a-z0-9_]*)//g' /proc/cpuinfo > %s", fake
+        "sed -E '/^flags/ s/ (avx512[a-z0-9_]*|amx[a-z0-9_]*)//g' /proc/cpuinfo > %s", FAKE_CPUINFO
     )
-    host.check_output("mount --bind %s /proc/cpuinfo", fake)
+    # (a container may mount with CAP_SYS_ADMIN unless an AppArmor profile forbids it; these test
+    # machines run none)
+    host.check_output("mount --bind %s /proc/cpuinfo", FAKE_CPUINFO)
     try:
         assert not {"avx512f", "amx_tile"} & set(_flags(host))
         yield name
     finally:
-        host.run("umount /proc/cpuinfo")
-        host.run("rm -f %s", fake)
-        assert "avx512f" in _flags(host) or not deployed["gptq-int4"].runnable
+        host.check_output("umount /proc/cpuinfo")
+        host.check_output("rm -f %s", FAKE_CPUINFO)
+        assert _flags(host) == real
 
 
 def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: str) -> None:
