@@ -333,14 +333,14 @@ def ceiling_record(
     context = decode["prompt_tokens"] + decode["tokens"] / 2
     # vLLM keeps a quantized checkpoint's weights as stored; `dtype` is then its activations'.
     # The quantization as the role's tuning reads it (e.g. compressed-tensors w8a8).
-    q = configs.load_tuning_module().quantization(model_config) if config.kind == "vllm" else None
+    tuning = configs.load_tuning_module()
+    q = tuning.quantization(model_config) if config.kind == "vllm" else None
     stored = weights_bytes if q else None
     b = limits.bytes_per_token(model_config, dtype, kv_dtype, context, stored)
     top = limits.ceiling(read_gb_s, b["total"])
     weights = dtype
     if q:
-        bits = f"w{q['weight_bits']}" + (f"a{q['activation_bits']}" if q["activation_bits"] else "")
-        weights = f"{q['method']} {bits}, {dtype} activations"
+        weights = f"{tuning.quantization_label(q)}, {dtype} activations"
     return {
         "weights": weights,
         "compute_dtype": dtype,

@@ -63,6 +63,14 @@ def quantization(model_config: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def quantization_label(quant: dict[str, Any] | None) -> str:
+    """The quantization as the tuning reports it: "none", or e.g. "compressed-tensors w8a8"."""
+    if quant is None:
+        return "none"
+    act = f"a{quant['activation_bits']}" if quant["activation_bits"] else ""
+    return f"{quant['method']} w{quant['weight_bits']}{act}"
+
+
 def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype: str) -> list[str]:
     """Why this host cannot serve the quantized checkpoint as configured (empty: it can)."""
     if quant is None:
@@ -257,12 +265,7 @@ def vllm_tuning(
     return {
         "dtype": dtype,
         "dtype_reason": dtype_reason,
-        "quantization": (
-            "none"
-            if quant is None
-            else f"{quant['method']} w{quant['weight_bits']}"
-            + (f"a{quant['activation_bits']}" if quant["activation_bits"] else "")
-        ),
+        "quantization": quantization_label(quant),
         "kvcache_space_gib": kv_gib,
         "max_model_len": max_len,
         "kv_bytes_per_token": kv_per_token,

@@ -1,5 +1,5 @@
-"""Helpers shared by the default scenario's tests: where a server listens, its API key, and a
-project playbook run against the scenario's hosts."""
+"""Helpers shared by the default scenario's tests: where a server listens, its API key, a server's
+state seen from outside, and a project playbook run against the scenario's hosts."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 # the gate's message when the server's process ended during its start, as the rescue renders it
@@ -32,16 +33,43 @@ def api_key(host) -> str:
     return re.sub(r"\\(.)", r"\1", found.group(1))
 
 
+def server_state(host) -> tuple[str, str, str]:
+    """The sha256 of the server's unit and of its environment file, and vLLM's main pid."""
+    return (
+        host.file("/etc/systemd/system/vllm.service").sha256sum,
+        host.file("/etc/vllm/vllm.env").sha256sum,
+        host.check_output("systemctl show --property MainPID --value vllm"),
+    )
+
+
 def run_playbook(
     playbook: str,
     *args: str,
     extra_vars: dict | None = None,
-    inventories: tuple[str, ...] = (),
+    host_vars: dict[str, dict] | None = None,
     timeout: int = 1800,
 ) -> tuple[int, str]:
     """Run a playbook of the project (path from the project root) on the scenario's hosts, with more
-    ansible-playbook arguments, extra variables and inventory sources; return its exit code and its
-    output with white space folded (the YAML callback wraps long messages)."""
+    ansible-playbook arguments, extra variables and variables per host (`{host: {name: value}}`, in
+    a second inventory source that is removed afterwards); return its exit code and its output with
+    white space folded (the YAML callback wraps long messages)."""
+    if not host_vars:
+        return _ansible_playbook(playbook, args, extra_vars, (), timeout)
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as inventory:
+        json.dump({"all": {"hosts": host_vars}}, inventory)
+    try:
+        return _ansible_playbook(playbook, args, extra_vars, (inventory.name,), timeout)
+    finally:
+        os.unlink(inventory.name)
+
+
+def _ansible_playbook(
+    playbook: str,
+    args: tuple[str, ...],
+    extra_vars: dict | None,
+    inventories: tuple[str, ...],
+    timeout: int,
+) -> tuple[int, str]:
     project = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
     sources = [os.environ["MOLECULE_INVENTORY_FILE"], *inventories]
     run = subprocess.run(

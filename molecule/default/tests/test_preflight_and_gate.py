@@ -11,10 +11,8 @@ scenario's containers; traffic stays inside them.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import ENDED, api, run_playbook
+from helpers import ENDED, api, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -37,27 +35,15 @@ START_TIMEOUT = 600
 def _playbook(
     playbook: str, *args: str, host_vars: dict | None = None, **extra: object
 ) -> tuple[int, str]:
-    """Run a playbook on the scenario; `host_vars` go to BAD only (a second inventory source)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as extra_inventory:
-        json.dump({"all": {"hosts": {BAD: host_vars or {}}}}, extra_inventory)
-    try:
-        return run_playbook(
-            playbook, *args, extra_vars=extra, inventories=(extra_inventory.name,), timeout=1200
-        )
-    finally:
-        os.unlink(extra_inventory.name)
+    """Run a playbook on the scenario; `host_vars` go to BAD only."""
+    return run_playbook(
+        playbook, *args, extra_vars=extra, host_vars={BAD: host_vars or {}}, timeout=1200
+    )
 
 
 def _state() -> dict[str, tuple[str, str, str]]:
     """Per server: sha256 of the unit and of the environment file, and vLLM's main pid."""
-    return {
-        name: (
-            host.file("/etc/systemd/system/vllm.service").sha256sum,
-            host.file("/etc/vllm/vllm.env").sha256sum,
-            host.check_output("systemctl show --property MainPID --value vllm"),
-        )
-        for name, host in HOSTS.items()
-    }
+    return {name: server_state(host) for name, host in HOSTS.items()}
 
 
 def _serving(host) -> bool:

@@ -21,14 +21,13 @@ import json
 import os
 import re
 import shlex
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, api_key, run_playbook
+from helpers import api, api_key, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -91,33 +90,20 @@ def _host(name: str):  # noqa: ANN202 - a testinfra Host
 
 
 def _stage(playbook: str, hosts: list[str], host_vars: dict, **extra: object) -> tuple[int, str]:
-    """Run a stage on `hosts`, with variables per host (a second inventory source)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as inventory:
-        json.dump({"all": {"hosts": {h: host_vars.get(h, {}) for h in hosts}}}, inventory)
-    try:
-        return run_playbook(
-            f"playbooks/{playbook}",
-            "--limit",
-            ",".join(hosts),
-            extra_vars=extra,
-            inventories=(inventory.name,),
-        )
-    finally:
-        os.unlink(inventory.name)
+    """Run a stage on `hosts`, with variables per host."""
+    return run_playbook(
+        f"playbooks/{playbook}",
+        "--limit",
+        ",".join(hosts),
+        extra_vars=extra,
+        host_vars={h: host_vars[h] for h in hosts if h in host_vars},
+    )
 
 
 def _recap_ok(name: str, out: str) -> bool:
     """Whether the run's recap has `name` neither failed nor unreachable."""
     return bool(
         re.search(rf"(?<!\S){re.escape(name)} : ok=\d+ changed=\d+ unreachable=0 failed=0 ", out)
-    )
-
-
-def _state(host) -> tuple[str, str, str]:
-    return (
-        host.file("/etc/systemd/system/vllm.service").sha256sum,
-        host.file("/etc/vllm/vllm.env").sha256sum,
-        host.check_output("systemctl show --property MainPID --value vllm"),
     )
 
 
@@ -174,13 +160,13 @@ def deployed() -> Iterator[dict[str, Deployed]]:
         runs += [[key] for key in CHECKPOINTS if not runnable[key]]
         for keys in filter(None, runs):
             since = {key: hosts[key].check_output("date '+%Y-%m-%d %H:%M:%S'") for key in keys}
-            before = {key: _state(hosts[key]) for key in keys}
+            before = {key: server_state(hosts[key]) for key in keys}
             rc, out = _stage(
                 "serve.yml", [PLACED[key] for key in keys], model_vars, vllm_rollout_batch=len(keys)
             )
             for key in keys:
                 result[key] = Deployed(
-                    runnable[key], since[key], rc, out, before[key], _state(hosts[key])
+                    runnable[key], since[key], rc, out, before[key], server_state(hosts[key])
                 )
         yield result
     finally:
@@ -260,6 +246,6 @@ def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
 
 def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: str) -> None:
     checkpoint, host = CHECKPOINTS["gptq-int4"], _host(without_avx512)
-    before = _state(host)
+    before = server_state(host)
     rc, out = _stage("serve.yml", [without_avx512], {without_avx512: _deploying(checkpoint)})
-    _assert_refused(checkpoint, Deployed(False, "", rc, out, before, _state(host)))
+    _assert_refused(checkpoint, Deployed(False, "", rc, out, before, server_state(host)))
