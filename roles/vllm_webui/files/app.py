@@ -39,7 +39,8 @@ Message = dict[str, str]
 # The gateway sends the requests that carry the same value of this header to the same server
 # (vllm_gateway_session_header; vllm-router reads the same header). VLLM_WEBUI_SESSION_HEADER.
 SESSION_HEADER = "X-Session-ID"
-# Headers the API request needs for itself (the key, the body): never the session header.
+# Headers the API request needs for itself (the key, the body): never the session header. The role
+# refuses the same names before it writes anything (tasks/validate.yml).
 RESERVED_HEADERS = {
     "authorization",
     "host",
