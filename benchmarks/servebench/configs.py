@@ -11,6 +11,7 @@ llamacpp  llama.cpp's llama-server on the same weights as GGUF at the weights' p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -110,8 +111,9 @@ def recipe(python: Path, model: Path, port: int, state: Path, kvcache_gib: int) 
     )
 
 
+@functools.cache
 def load_tuning_module() -> ModuleType:
-    """The role's filter plugin, imported from its path (the code Ansible runs)."""
+    """The role's filter plugin, imported once from its path (the code Ansible runs)."""
     path = REPO / "plugins" / "filter" / "vllm_tuning.py"
     spec = importlib.util.spec_from_file_location("vllm_tuning", path)
     assert spec is not None and spec.loader is not None
