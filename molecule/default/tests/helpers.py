@@ -53,38 +53,25 @@ def run_playbook(
     ansible-playbook arguments, extra variables and variables per host (`{host: {name: value}}`, in
     a second inventory source that is removed afterwards); return its exit code and its output with
     white space folded (the YAML callback wraps long messages)."""
-    if not host_vars:
-        return _ansible_playbook(playbook, args, extra_vars, (), timeout)
-    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as inventory:
-        json.dump({"all": {"hosts": host_vars}}, inventory)
-    try:
-        return _ansible_playbook(playbook, args, extra_vars, (inventory.name,), timeout)
-    finally:
-        os.unlink(inventory.name)
-
-
-def _ansible_playbook(
-    playbook: str,
-    args: tuple[str, ...],
-    extra_vars: dict | None,
-    inventories: tuple[str, ...],
-    timeout: int,
-) -> tuple[int, str]:
     project = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
-    sources = [os.environ["MOLECULE_INVENTORY_FILE"], *inventories]
-    run = subprocess.run(
-        [
-            "ansible-playbook",
-            *(arg for source in sources for arg in ("-i", source)),
-            *(["-e", json.dumps(extra_vars)] if extra_vars is not None else []),
-            *args,
-            str(project / playbook),
-        ],
-        cwd=project,
-        env=dict(os.environ, ANSIBLE_ROLES_PATH=str(project / "roles"), ANSIBLE_NOCOLOR="1"),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    sources = [os.environ["MOLECULE_INVENTORY_FILE"]]
+    with tempfile.TemporaryDirectory() as scratch:
+        if host_vars:
+            sources.append(f"{scratch}/host_vars.yml")
+            Path(sources[-1]).write_text(json.dumps({"all": {"hosts": host_vars}}))
+        run = subprocess.run(
+            [
+                "ansible-playbook",
+                *(arg for source in sources for arg in ("-i", source)),
+                *(["-e", json.dumps(extra_vars)] if extra_vars is not None else []),
+                *args,
+                str(project / playbook),
+            ],
+            cwd=project,
+            env=dict(os.environ, ANSIBLE_ROLES_PATH=str(project / "roles"), ANSIBLE_NOCOLOR="1"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     return run.returncode, " ".join((run.stdout + run.stderr).split())
