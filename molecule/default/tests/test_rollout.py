@@ -1,10 +1,11 @@
 """A rollout that restarts every server loses no request.
 
 While hf-standin (a client outside the fleet) sends a bounded load of streamed and non-streamed chat
-completions through the gateway (tests/files/gateway_load.py), serve.yml applies a change that
-rewrites every server's unit: each server is drained at the gateway, restarted, gated and put back.
-Every request must succeed and every answer be complete. The fixture rolls the change back (another
-drained rollout). Traffic stays inside the test containers.
+completions through the gateway (tests/files/gateway_load.py), serve.yml rolls a restart through the
+fleet (`vllm_service_restart`, batches of one): each server is drained at the gateway, restarted,
+gated and put back, the path every planned restart takes (a changed unit, environment or package).
+Every request must succeed and every answer be complete. Nothing changes on the servers but their
+processes, so there is nothing to roll back. Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key, run_playbook
+from helpers import api_key, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -33,23 +34,6 @@ CLIENT = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}
 CA = "/etc/nginx/vllm-gateway/tls/gateway.crt"
 LOAD = Path(__file__).parent / "files" / "gateway_load.py"
 STOP, OUT = "/tmp/rollout-load.stop", "/tmp/rollout-load.json"
-
-
-def _serve(**extra: object) -> tuple[int, str]:
-    return run_playbook("playbooks/serve.yml", extra_vars=extra)
-
-
-def _main_pids() -> list[str]:
-    return [h.check_output("systemctl show --property MainPID --value vllm") for h in SERVERS]
-
-
-@pytest.fixture
-def rolled_back() -> Iterator[None]:
-    """Whatever the test did, the next rollout puts the servers' own settings back: both servers in
-    one batch (no load runs by then), which also proves a batch of more than one server."""
-    yield
-    rc, out = _serve(vllm_rollout_batch=2)
-    assert rc == 0, out[-3000:]
 
 
 @pytest.fixture
@@ -76,14 +60,20 @@ def load() -> Iterator[None]:
             time.sleep(3)
 
 
-def test_a_rollout_of_every_server_loses_no_request(rolled_back: None, load: None) -> None:
-    before = _main_pids()
-    # a different unit on every server: each one is drained, restarted, gated and put back in turn
-    rc, out = _serve(vllm_service_max_num_seqs=15, vllm_rollout_batch=1)
+def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
+    before = [server_state(host) for host in SERVERS]
+    # every server is drained, restarted, gated and put back in turn
+    rc, out = run_playbook(
+        "playbooks/serve.yml", extra_vars={"vllm_service_restart": True, "vllm_rollout_batch": 1}
+    )
     assert rc == 0, out[-3000:]
+    asked = "is to restart (vllm_service_restart): restart it"
+    assert out.count(asked) == len(SERVERS), out[-3000:]
     assert "Take the server out of rotation" in out
-    after = _main_pids()
-    assert all(old != new for old, new in zip(before, after, strict=True)), (before, after)
+    after = [server_state(host) for host in SERVERS]
+    for (unit, env, old_pid), (new_unit, new_env, new_pid) in zip(before, after, strict=True):
+        # the same unit and environment file, a new process
+        assert (unit, env) == (new_unit, new_env) and old_pid != new_pid, (before, after)
     time.sleep(5)
     CLIENT.check_output("touch %s", STOP)
     deadline = time.monotonic() + 360
