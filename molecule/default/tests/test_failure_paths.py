@@ -69,9 +69,10 @@ def test_weights_plus_kv_cache_that_do_not_fit_are_refused_with_the_numbers(host
 
 @pytest.fixture
 def fleet_restored() -> Iterator[None]:
-    """Whatever the test did to the servers, a good run of the service stage restores them."""
+    """Whatever the test did to the servers, a good run of the service stage restores them (all in
+    one batch: no load runs by then)."""
     yield
-    rc, out = _stage("serve.yml", limit=None)
+    rc, out = _stage("serve.yml", limit=None, vllm_rollout_batch="100%")
     assert rc == 0, out[-3000:]
 
 
