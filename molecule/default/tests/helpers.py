@@ -42,6 +42,23 @@ def server_state(host) -> tuple[str, str, str]:
     )
 
 
+def task_result(out: str, task: str, host: str) -> str:
+    """What the run printed for `host` under the task named `task` (ok, changed, skipping,
+    included, ...), in whichever batch of the rollout `host` was."""
+    sections = [part.split("TASK [", 1)[0] for part in out.split(f"{task}]")[1:]]
+    for section in sections:
+        found = [
+            word
+            for word in ("ok", "changed", "skipping", "fatal")
+            if f"{word}: [{host}]" in section
+        ]
+        if re.search(rf"included: \S+ for ([^ ]+, )*{re.escape(host)}\b", section):
+            found.append("included")
+        if found:
+            return found[0]
+    raise AssertionError(f"no result of {task!r} for {host}: {sections}")
+
+
 def run_playbook(
     playbook: str,
     *args: str,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import ENDED, api, run_playbook, server_state
+from helpers import ENDED, api, run_playbook, server_state, task_result
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -153,23 +153,6 @@ def test_a_vanished_model_folder_is_named_and_the_restarts_stop(vanished_model: 
     assert (show("ActiveState"), int(show("NRestarts"))) == ("failed", restarts)
 
 
-def _task_result(out: str, task: str, host: str) -> str:
-    """What the run printed for `host` under the task named `task` (ok, changed, skipping,
-    included, ...), in whichever batch of the rollout `host` was."""
-    sections = [part.split("TASK [", 1)[0] for part in out.split(f"{task}]")[1:]]
-    for section in sections:
-        found = [
-            word
-            for word in ("ok", "changed", "skipping", "fatal")
-            if f"{word}: [{host}]" in section
-        ]
-        if re.search(rf"included: \S+ for ([^ ]+, )*{re.escape(host)}\b", section):
-            found.append("included")
-        if found:
-            return found[0]
-    raise AssertionError(f"no result of {task!r} for {host}: {sections}")
-
-
 PROBE_DIST = "fleet_gate_probe-1.0.dist-info"
 
 
@@ -206,8 +189,8 @@ def test_a_new_package_restarts_the_server_through_the_rollout(new_package: str)
     assert after[BAD][1] != before[BAD][1]  # the environment file names the packages' hash
     assert after[BAD][2] != before[BAD][2]  # a new main pid
     assert after[GOOD] == before[GOOD]
-    assert _task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
-    assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
+    assert task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
+    assert task_result(out, "Ask for one real chat completion", BAD) == "ok"
     assert _serving(HOSTS[BAD])
 
 
@@ -256,8 +239,8 @@ def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: Non
     assert after[BAD][2] != before[BAD][2]  # a new main pid
     assert "--max-num-seqs 15 " not in _cmdline(HOSTS[BAD])
     assert after[GOOD] == before[GOOD]
-    assert _task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
-    assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
+    assert task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
+    assert task_result(out, "Ask for one real chat completion", BAD) == "ok"
 
 
 def test_the_gate_of_an_unchanged_server_asks_no_chat() -> None:
@@ -267,7 +250,7 @@ def test_the_gate_of_an_unchanged_server_asks_no_chat() -> None:
     # (every server in one batch: nothing restarts in these runs)
     rc, out = _playbook("playbooks/serve.yml", vllm_rollout_batch="100%")
     assert rc == 0, out[-3000:]
-    assert _task_result(out, "Ask for one real chat completion", BAD) == "ok"
+    assert task_result(out, "Ask for one real chat completion", BAD) == "ok"
     # now every server's current start passed the chat with these files: a warm run asks none, and
     # still checks /health and /v1/models; nothing restarts
     before = _state()
@@ -276,5 +259,5 @@ def test_the_gate_of_an_unchanged_server_asks_no_chat() -> None:
     assert _state() == before
     for name in SERVERS:
         assert re.search(rf"{re.escape(name)} : ok=\d+ changed=0 ", out), out[-3000:]
-        assert _task_result(out, "Ask for one real chat completion", name) == "skipping"
-        assert _task_result(out, "Ask /v1/models for the served model", name) == "ok"
+        assert task_result(out, "Ask for one real chat completion", name) == "skipping"
+        assert task_result(out, "Ask /v1/models for the served model", name) == "ok"
