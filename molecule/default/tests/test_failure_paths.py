@@ -69,11 +69,20 @@ def test_weights_plus_kv_cache_that_do_not_fit_are_refused_with_the_numbers(host
 
 @pytest.fixture
 def fleet_restored() -> Iterator[None]:
-    """Whatever the test did to the servers, a good run of the service stage restores them (all in
-    one batch: no load runs by then)."""
+    """Whatever the test did to the servers, a good run of the service stage restores them: all in
+    one batch (no load runs by then), every server restarted (a rolling restart), which also proves
+    a batch of more than one restarting server on any CPU."""
+    servers = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
+    hosts = [testinfra.get_host(f"ansible://{n}?ansible_inventory={INVENTORY}") for n in servers]
     yield
-    rc, out = _stage("serve.yml", limit=None, vllm_rollout_batch="100%")
+    before = [h.check_output("systemctl show --property MainPID --value vllm") for h in hosts]
+    rc, out = _stage(
+        "serve.yml", limit=None, vllm_rollout_batch="100%", vllm_service_rolling_restart=True
+    )
     assert rc == 0, out[-3000:]
+    after = [h.check_output("systemctl show --property MainPID --value vllm") for h in hosts]
+    assert all(old != new for old, new in zip(before, after, strict=True)), (before, after)
+    assert all(h.run("curl --silent --fail %s/health", api(h)).rc == 0 for h in hosts)
 
 
 def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(

@@ -1,11 +1,11 @@
 """A rollout that restarts every server loses no request.
 
 While hf-standin (a client outside the fleet) sends a bounded load of streamed and non-streamed chat
-completions through the gateway (tests/files/gateway_load.py), serve.yml rolls a restart through the
-fleet (`vllm_service_restart`, batches of one): each server is drained at the gateway, restarted,
-gated and put back, the path every planned restart takes (a changed unit, environment or package).
-Every request must succeed and every answer be complete. Nothing changes on the servers but their
-processes, so there is nothing to roll back. Traffic stays inside the test containers.
+completions through the gateway (tests/files/gateway_load.py), serve.yml rolls a restart through
+the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained at the gateway,
+restarted, gated and put back, the path every planned restart takes (a changed unit, environment or
+package). Every request must succeed and every answer be complete. Nothing changes on the servers
+but their processes, so there is nothing to roll back. Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key, run_playbook, server_state
+from helpers import api_key, run_playbook, server_state, task_result
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -63,13 +63,16 @@ def load() -> Iterator[None]:
 def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     before = [server_state(host) for host in SERVERS]
     # every server is drained, restarted, gated and put back in turn
-    rc, out = run_playbook(
-        "playbooks/serve.yml", extra_vars={"vllm_service_restart": True, "vllm_rollout_batch": 1}
-    )
+    rolling = {"vllm_service_rolling_restart": True, "vllm_rollout_batch": 1}
+    rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling)
     assert rc == 0, out[-3000:]
-    asked = "is to restart (vllm_service_restart): restart it"
+    asked = "is to restart (vllm_service_rolling_restart): restart it"
     assert out.count(asked) == len(SERVERS), out[-3000:]
-    assert "Take the server out of rotation" in out
+    for name in RUNNER.get_hosts("vllm_servers"):
+        # drained at the gateways before its restart, and asked a chat by the gate after it
+        drained = task_result(out, "Take the server out of rotation at the gateways", name)
+        assert drained == "included", out[-3000:]
+        assert task_result(out, "Ask for one real chat completion", name) == "ok"
     after = [server_state(host) for host in SERVERS]
     for (unit, env, old_pid), (new_unit, new_env, new_pid) in zip(before, after, strict=True):
         # the same unit and environment file, a new process
