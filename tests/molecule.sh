@@ -10,11 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 started_docker=0
+side=()
 side_pids=()
 cleanup() {
   local rc=$?
-  # scenarios still running beside the default one (a failed or interrupted run), by their pid
-  if ((${#side_pids[@]})); then kill "${side_pids[@]}" 2>/dev/null || true; fi
+  # Scenarios still running beside the default one (an interrupted run): each runs in a session of
+  # its own (setsid), so its process group (molecule, ansible-playbook, pytest) is stopped by that
+  # pid, and its containers go with it.
+  if ((${#side_pids[@]})); then
+    kill -TERM "${side_pids[@]/#/-}" 2>/dev/null || true
+    wait "${side_pids[@]}" 2>/dev/null || true
+    for scenario in "${side[@]}"; do molecule destroy -s "$scenario" >/dev/null 2>&1 || true; done
+  fi
   if ((started_docker)); then
     # Containers of an aborted run go first, then the daemon.
     molecule destroy --all >/dev/null 2>&1 || true
@@ -23,6 +30,9 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+# (a click program such as molecule exits 1 on Ctrl-C; the script stops rather than carry on)
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 if ! .ci/dockerd.sh status >/dev/null 2>&1; then
   .ci/dockerd.sh start
@@ -49,17 +59,19 @@ if [[ "${args[*]}" != --all ]]; then
   exit
 fi
 
-# Every scenario, run side by side: the default one (by far the longest) in the foreground, the
-# others in the background with their output in .cache/molecule/<scenario>.log, printed once the
-# default one ends. On 2 cores they mostly fill its waits: measured once on a 2-core host, the conda
-# scenario and the default one's converge took 943 s together against ~1135 s one after the other.
-# Their containers, networks and ephemeral folders are their own.
+# --all alone (make test): every scenario, side by side. The default one (by far the longest) runs in
+# the foreground, the others in the background with their output in .cache/molecule/<scenario>.log,
+# printed once both have ended. Measured once on a 2-core Intel host: the conda scenario and the
+# default one's create, prepare and converge took 943 s side by side against ~1135 s one after the
+# other (~3 min saved; the cores were busy most of the time, so most of conda's time still adds up).
+# Their containers, networks, ephemeral folders and controller archives are their own; a scenario
+# that shared a controller archive (pip_wheelhouse publishes it by renaming) would race.
+# With more options (--all --destroy=never, ...) molecule runs the scenarios one after the other.
 mkdir -p .cache/molecule
-side=()
 for scenario in molecule/*/molecule.yml; do
   scenario=$(basename "$(dirname "$scenario")")
   [[ $scenario == default ]] && continue
-  molecule test -s "$scenario" >".cache/molecule/$scenario.log" 2>&1 &
+  setsid --wait molecule test -s "$scenario" >".cache/molecule/$scenario.log" 2>&1 &
   side+=("$scenario")
   side_pids+=("$!")
 done
