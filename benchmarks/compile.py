@@ -210,8 +210,8 @@ cp -a /opt/vllm/venv /var/tmp/venv-vllm-cpu
 
 def refusal(logs: Path, env: dict[str, str]) -> str:
     """A Debian 12 server (the stand-in host) for a builder with a newer C library: refused
-    before anything is fetched or built (roles/vllm_build/tasks/build.yml)."""
-    state = "ls /var/lib/vllm-build/trees /var/lib/vllm-build/dist /var/lib/vllm-build/work"
+    before anything is fetched or built (roles/vllm_build/tasks/preflight.yml)."""
+    state = "ls /var/lib/vllm-build/dist /var/lib/vllm-build/work"
     before = on_host(state)
     log = logs / "compile-refusal.log"
     servers = json.dumps({"vllm_build_servers": [HOST, "hf-standin"]})
@@ -224,7 +224,7 @@ def refusal(logs: Path, env: dict[str, str]) -> str:
             stderr=subprocess.STDOUT,
             check=False,
         )
-    found = re.search(r"Server hf-standin has glibc [^\n]*", log.read_text(errors="replace"))
+    found = re.search(r"hf-standin has glibc [^\n]*", log.read_text(errors="replace"))
     if run.returncode == 0 or not found:
         sys.exit(f"a server with an older C library was not refused (log {log})")
     if on_host(state) != before:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import ENDED, api, api_key, run_playbook
+from helpers import ENDED, api, api_key, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
-HOST = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")[-1]
+SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
+HOST, BUILDER = SERVERS[-1], SERVERS[0]
 testinfra_hosts = [HOST]
-BUILDER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")[0]
 MIRROR = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
 UNIT = "/etc/systemd/system/vllm.service"
 SRV = "/srv/hf-standin"
@@ -72,15 +72,14 @@ def fleet_restored() -> Iterator[None]:
     """Whatever the test did to the servers, a good run of the service stage restores them: all in
     one batch (no load runs by then), every server restarted (a rolling restart), which also proves
     a batch of more than one restarting server on any CPU."""
-    servers = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
-    hosts = [testinfra.get_host(f"ansible://{n}?ansible_inventory={INVENTORY}") for n in servers]
+    hosts = [testinfra.get_host(f"ansible://{n}?ansible_inventory={INVENTORY}") for n in SERVERS]
     yield
-    before = [h.check_output("systemctl show --property MainPID --value vllm") for h in hosts]
+    before = [server_state(h)[2] for h in hosts]
     rc, out = _stage(
         "serve.yml", limit=None, vllm_rollout_batch="100%", vllm_service_rolling_restart=True
     )
     assert rc == 0, out[-3000:]
-    after = [h.check_output("systemctl show --property MainPID --value vllm") for h in hosts]
+    after = [server_state(h)[2] for h in hosts]
     assert all(old != new for old, new in zip(before, after, strict=True)), (before, after)
     assert all(h.run("curl --silent --fail %s/health", api(h)).rc == 0 for h in hosts)
 
@@ -88,9 +87,8 @@ def fleet_restored() -> Iterator[None]:
 def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
     host, fleet_restored: None
 ) -> None:
-    hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
-    first = testinfra.get_host(f"ansible://{hosts[0]}?ansible_inventory={INVENTORY}")
-    assert hosts[-1] == HOST != hosts[0]
+    first = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    assert HOST != BUILDER
     before = host.file(UNIT).sha256sum
     # batches of one: the first server gets a setting vLLM rejects and never becomes healthy
     rc, out = _stage(
@@ -303,7 +301,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
     # id a full compile would have, and removed afterwards.
     builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
-    plan = re.search(r"build ([0-9a-f]{16}) \(tree [0-9a-f]{16}, full compile\): to be built", out)
+    plan = re.search(r"build ([0-9a-f]{16}) \(full compile\): to be built", out)
     assert rc != 0 and plan, out[-3000:]
     kept = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds" / plan.group(1)
     assert not kept.exists()
@@ -334,11 +332,11 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
 
 
 @pytest.fixture
-def cpu_without_amx(host) -> Iterator[None]:
-    """HOST's /proc/cpuinfo without the AMX flags, whatever CPU the test machine has (some have
-    AMX): a copy bind-mounted over it inside HOST's container, unmounted afterwards."""
-    copy = "/run/cpuinfo-without-amx"
-    host.check_output("sed -E 's/ amx_[a-z0-9]+//g' /proc/cpuinfo > %s", copy)
+def cpu_without_avx2(host) -> Iterator[None]:
+    """HOST's /proc/cpuinfo without the avx2 flag: a copy bind-mounted over it inside HOST's
+    container, unmounted afterwards."""
+    copy = "/run/cpuinfo-without-avx2"
+    host.check_output("sed -E 's/ avx2( |$)/\\1/' /proc/cpuinfo > %s", copy)
     host.check_output("mount --bind %s /proc/cpuinfo", copy)
     try:
         yield
@@ -347,52 +345,46 @@ def cpu_without_amx(host) -> Iterator[None]:
         host.check_output("rm -f %s", copy)
 
 
-def test_a_server_without_the_target_instruction_set_is_refused(
-    host, cpu_without_amx: None
+def test_a_server_without_avx2_is_refused_before_anything_changes(
+    host, cpu_without_avx2: None
 ) -> None:
-    assert "amx_bf16" not in host.file("/proc/cpuinfo").content_string
-    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_cpu_isa="amx_bf16")
+    assert " avx2 " not in host.file("/proc/cpuinfo").content_string
+    rc, out = _stage("vllm.yml", limit=BUILDER)
     assert rc != 0
-    assert f"{HOST} cannot run a vLLM wheel built for amx_bf16: its CPU lacks" in out
-    assert "amx_bf16" in out.split("its CPU lacks", 1)[1]
+    assert f"{HOST} cannot run vLLM's x86 CPU kernels: its CPU lacks avx2 (vLLM needs" in out, out[
+        -3000:
+    ]
     assert _recap_changed(out, BUILDER) == 0
 
 
-def test_a_lost_build_is_published_again_from_an_interrupted_tree_without_compiling(host) -> None:
-    # The controller lost the build (moved aside here), and the builder's tree was renamed into
-    # place without its facts file (an interrupted publish). The next run fetches the tree again,
-    # finds the wheel the builder already built under that id and publishes it again: no compile.
+def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host) -> None:
+    # The controller lost the build (moved aside here). The next run finds the wheel the builder
+    # already built under that id and publishes it again: nothing fetched, nothing compiled.
     builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
-    trees = "/var/lib/vllm-build/trees"
-    [facts] = builder.check_output(f"ls {trees}/*.json").split()
-    tree = facts.removesuffix(".json")
     builds = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"
     [kept] = [d for d in builds.iterdir() if (d / "build.json").is_file()]
     moved = builds / f"moved-aside-{kept.name}"
     saved = (kept / "build.json").read_text()
     dist = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
-    aside = "/var/lib/vllm-build/tmp/saved-tree-facts.json"
     try:
         kept.rename(moved)
-        builder.check_output(f"mv {facts} {aside}")
         rc, out = _stage("vllm.yml", limit=None)
         assert rc == 0, out[-3000:]
-        assert "Fetch the commit from git" in out
-        assert f"(item={tree})" in out  # the unmarked tree was removed first
-        assert builder.file(facts).exists and builder.file(tree).is_directory
-        assert builder.run(f"ls -d {trees}/*.partial").rc != 0
+        assert "to be built on" in out
+        assert "Fetch the commit from git" not in out
+        assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
         # the same build id, the builder's wheel untouched, published again on the controller
         assert builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == dist
         assert (kept / "build.json").read_text() == saved
-        for wheel in moved.glob("*.whl"):
+        wheels = list(moved.glob("*.whl"))
+        assert wheels
+        for wheel in wheels:
             assert (kept / wheel.name).read_bytes() == wheel.read_bytes()
     finally:
         if kept.exists():
             shutil.rmtree(moved, ignore_errors=True)
         else:
             moved.rename(kept)
-        # the facts go back only beside a tree (without one, the next build fetches it again)
-        builder.run(f"test -e {facts} || test ! -d {tree} || mv {aside} {facts}; rm -f {aside}")
 
 
 def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:
