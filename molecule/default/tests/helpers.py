@@ -1,5 +1,6 @@
 """Helpers shared by the default scenario's tests: where a server listens, its API key, a server's
-state seen from outside, and a project playbook run against the scenario's hosts."""
+state seen from outside, a server's CPU flags hidden, and a project playbook run against the
+scenario's hosts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # the gate's message when the server's process ended during its start, as the rescue renders it
@@ -40,6 +43,28 @@ def server_state(host) -> tuple[str, str, str]:
         host.file("/etc/vllm/vllm.env").sha256sum,
         host.check_output("systemctl show --property MainPID --value vllm"),
     )
+
+
+# the copy cpuinfo_without mounts over /proc/cpuinfo (its presence: a killed test left it mounted)
+CPUINFO_COPY = "/run/cpuinfo-without-flags"
+
+
+@contextmanager
+def cpuinfo_without(host, flags: str) -> Iterator[None]:
+    """`host`'s /proc/cpuinfo without the CPU flags that match the regular expression `flags`: a
+    copy bind-mounted over it inside the host's container (a running process is not affected),
+    unmounted afterwards. (A container may mount with CAP_SYS_ADMIN unless an AppArmor profile
+    forbids it; the test machines run none.)"""
+    copy = CPUINFO_COPY
+    real = host.check_output("grep -m1 '^flags' /proc/cpuinfo")
+    host.check_output(f"sed -E '/^flags/ s/ ({flags})\\b//g' /proc/cpuinfo > {copy}")
+    host.check_output(f"mount --bind {copy} /proc/cpuinfo")
+    try:
+        yield
+    finally:
+        host.check_output("umount /proc/cpuinfo")
+        host.check_output(f"rm -f {copy}")
+        assert host.check_output("grep -m1 '^flags' /proc/cpuinfo") == real
 
 
 def task_result(out: str, task: str, host: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import ENDED, api, api_key, run_playbook, server_state
+from helpers import ENDED, api, api_key, cpuinfo_without, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -266,22 +266,25 @@ def _recap_changed(out: str, name: str) -> int:
     return int(found.group(1))
 
 
-def test_rerunning_the_build_builds_nothing(host) -> None:
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
-    before = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
-    rc, out = _stage("vllm.yml", limit=None)
-    assert rc == 0, out[-3000:]
-    assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
-    assert "Fetch the commit from git" not in out
-    assert _recap_changed(out, BUILDER) == 0 and _recap_changed(out, HOST) == 0
-    assert builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == before
+BUILD_FOLDERS = "ls -A /var/lib/vllm-build/work /var/lib/vllm-build/dist /var/lib/vllm-build/venvs"
 
 
-def test_a_full_compile_with_debian_gcc_is_refused_before_anything_changes(host) -> None:
+@pytest.fixture(scope="module")
+def full_compile() -> tuple[str, int, str]:
+    """One run of the vLLM stage on the builder asking for a full compile, which Debian's gcc 12.2
+    cannot do (refused, nothing changes): the builder's folders before it, its exit code, output."""
     builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
-    listing = "ls -A /var/lib/vllm-build/work /var/lib/vllm-build/dist /var/lib/vllm-build/venvs"
-    before = builder.check_output(listing)
+    before = builder.check_output(BUILD_FOLDERS)
     rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
+    return before, rc, out
+
+
+def test_a_full_compile_with_debian_gcc_is_refused_before_anything_changes(
+    host, full_compile: tuple[str, int, str]
+) -> None:
+    # (rerunning the build builds nothing: Molecule's idempotence step, changed=0 on every host)
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    before, rc, out = full_compile
     assert rc != 0
     gcc = builder.check_output("gcc -dumpfullversion")
     refusal = f"gcc {gcc} on builder {BUILDER} is older than 12.3, which vLLM v0.32.0 requires"
@@ -289,20 +292,19 @@ def test_a_full_compile_with_debian_gcc_is_refused_before_anything_changes(host)
     assert "vllm_build_use_precompiled: true" in out
     assert _recap_changed(out, BUILDER) == 0
     assert "Install what the build needs" not in out
-    assert builder.check_output(listing) == before
+    assert builder.check_output(BUILD_FOLDERS) == before
     assert host.service("vllm").is_running
 
 
 def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_changes(
-    host,
+    host, full_compile: tuple[str, int, str]
 ) -> None:
     # A full-compile wheel the controller keeps, compiled (says its build.json) on a builder whose
     # C library is newer than any server's: its kernels would not load on them. Faked here under the
     # id a full compile would have, and removed afterwards.
     builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
-    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
-    plan = re.search(r"build ([0-9a-f]{16}) \(full compile\): to be built", out)
-    assert rc != 0 and plan, out[-3000:]
+    plan = re.search(r"build ([0-9a-f]{16}) \(full compile\): to be built", full_compile[2])
+    assert full_compile[1] != 0 and plan, full_compile[2][-3000:]
     kept = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds" / plan.group(1)
     assert not kept.exists()
     kept.mkdir(parents=True)
@@ -310,10 +312,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         manifest = {"wheel": "vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl", "kernels": ["_C"]}
         manifest |= {"builder": "newer-builder", "glibc": "99.1", "build_id": plan.group(1)}
         (kept / "build.json").write_text(json.dumps(manifest))
-        listing = (
-            "ls -A /var/lib/vllm-build/work /var/lib/vllm-build/dist /var/lib/vllm-build/venvs"
-        )
-        before = builder.check_output(listing)
+        before = builder.check_output(BUILD_FOLDERS)
         rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
         assert rc != 0
         glibc = host.check_output("getconf GNU_LIBC_VERSION").split()[-1]
@@ -325,31 +324,16 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         )
         assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
         assert _recap_changed(out, BUILDER) == 0
-        assert builder.check_output(listing) == before
+        assert builder.check_output(BUILD_FOLDERS) == before
         assert host.service("vllm").is_running
     finally:
         shutil.rmtree(kept)
 
 
-@pytest.fixture
-def cpu_without_avx2(host) -> Iterator[None]:
-    """HOST's /proc/cpuinfo without the avx2 flag: a copy bind-mounted over it inside HOST's
-    container, unmounted afterwards."""
-    copy = "/run/cpuinfo-without-avx2"
-    host.check_output("sed -E 's/ avx2( |$)/\\1/' /proc/cpuinfo > %s", copy)
-    host.check_output("mount --bind %s /proc/cpuinfo", copy)
-    try:
-        yield
-    finally:
-        host.check_output("umount /proc/cpuinfo")
-        host.check_output("rm -f %s", copy)
-
-
-def test_a_server_without_avx2_is_refused_before_anything_changes(
-    host, cpu_without_avx2: None
-) -> None:
-    assert " avx2 " not in host.file("/proc/cpuinfo").content_string
-    rc, out = _stage("vllm.yml", limit=BUILDER)
+def test_a_server_without_avx2_is_refused_before_anything_changes(host) -> None:
+    with cpuinfo_without(host, "avx2"):
+        assert " avx2 " not in host.file("/proc/cpuinfo").content_string
+        rc, out = _stage("vllm.yml", limit=BUILDER)
     assert rc != 0
     assert f"{HOST} cannot run vLLM's x86 CPU kernels: its CPU lacks avx2 (vLLM needs" in out, out[
         -3000:
@@ -368,7 +352,7 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
     dist = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
     try:
         kept.rename(moved)
-        rc, out = _stage("vllm.yml", limit=None)
+        rc, out = _stage("vllm.yml", limit=BUILDER)
         assert rc == 0, out[-3000:]
         assert "to be built on" in out
         assert "Fetch the commit from git" not in out
@@ -385,6 +369,39 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
             shutil.rmtree(moved, ignore_errors=True)
         else:
             moved.rename(kept)
+
+
+def test_a_build_that_fails_shows_the_end_of_its_log_and_publishes_nothing(host) -> None:
+    # A build setting that breaks vLLM's setup.py: the kernels' wheel at a path it cannot open.
+    # The run must fail with the build's own error (from the end of its log), publish no wheel on
+    # the builder or the controller, and leave the servers as they were.
+    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+    builds = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"
+    kept, installed = sorted(builds.iterdir()), host.check_output("ls -A /opt/vllm/wheels")
+    broken = {"VLLM_PRECOMPILED_WHEEL_LOCATION": "/nonexistent.whl"}
+    rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_environment=broken)
+    plan = re.search(r"build ([0-9a-f]{16}) \(precompiled kernels\): to be built", out)
+    assert plan, out[-3000:]
+    build = plan.group(1)
+    try:
+        assert rc != 0
+        log = f"/var/lib/vllm-build/logs/{build}.log"
+        assert f"Building vLLM 0.32.0 on {BUILDER} failed (exit 1 " in out, out[-3000:]
+        assert f"Whole log: {log}. Its end:" in out
+        # setup.py's own error, from the end of the log (the YAML callback may double the quotes)
+        assert re.search(r"ValueError: unknown url type: '+/nonexistent\.whl'+", out), out[-3000:]
+        assert "Failed to build vllm" in builder.file(log).content_string
+        assert not builder.file(f"/var/lib/vllm-build/dist/{build}").exists
+        assert sorted(builds.iterdir()) == kept
+        assert host.check_output("ls -A /opt/vllm/wheels") == installed
+        assert host.service("vllm").is_running
+    finally:
+        builder.run(
+            "rm -rf /var/lib/vllm-build/work/%s /var/lib/vllm-build/dist/%s.partial %s",
+            build,
+            build,
+            f"/var/lib/vllm-build/logs/{build}.log",
+        )
 
 
 def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:

@@ -27,14 +27,12 @@ from dataclasses import dataclass
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, api_key, run_playbook, server_state
+from helpers import CPUINFO_COPY, api, api_key, cpuinfo_without, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 FLEET_MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct/current"
 CACHE_MODELS = "/var/cache/vllm-fleet/models"  # fleet_cache_root: the cache host offers them there
-# the /proc/cpuinfo without AVX-512 flags, bind-mounted over the real one (see without_avx512)
-FAKE_CPUINFO = "/run/cpuinfo-without-avx512"
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def deployed() -> Iterator[dict[str, Deployed]]:
     hosts = {key: _host(name) for key, name in PLACED.items()}
     for host in hosts.values():
         # the flags below must be the CPU's: a killed run may have left its fake cpuinfo mounted
-        assert not host.file(FAKE_CPUINFO).exists, f"{FAKE_CPUINFO} is left mounted: umount it"
+        assert not host.file(CPUINFO_COPY).exists, f"{CPUINFO_COPY} is left mounted: umount it"
     model_vars = {PLACED[key]: _deploying(c) for key, c in CHECKPOINTS.items()}
     runnable = {
         key: c.needs is None or c.needs in _flags(hosts[key]) for key, c in CHECKPOINTS.items()
@@ -223,25 +221,14 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
 
 @pytest.fixture
 def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
-    """The 4-bit checkpoint's server with a /proc/cpuinfo without the AVX-512 and AMX flags (bind
-    mounted over it; its running vLLM is not affected), unmounted afterwards; yields its name.
-    After `deployed`, which put the checkpoint's folder on that server."""
+    """The 4-bit checkpoint's server with a /proc/cpuinfo without the AVX-512 and AMX flags (its
+    running vLLM is not affected), restored afterwards; yields its name. After `deployed`, which
+    put the checkpoint's folder on that server."""
     name = PLACED["gptq-int4"]
     host = _host(name)
-    real = _flags(host)
-    host.check_output(
-        "sed -E '/^flags/ s/ (avx512[a-z0-9_]*|amx[a-z0-9_]*)//g' /proc/cpuinfo > %s", FAKE_CPUINFO
-    )
-    # (a container may mount with CAP_SYS_ADMIN unless an AppArmor profile forbids it; these test
-    # machines run none)
-    host.check_output("mount --bind %s /proc/cpuinfo", FAKE_CPUINFO)
-    try:
+    with cpuinfo_without(host, "avx512[a-z0-9_]*|amx[a-z0-9_]*"):
         assert not {"avx512f", "amx_tile"} & set(_flags(host))
         yield name
-    finally:
-        host.check_output("umount /proc/cpuinfo")
-        host.check_output("rm -f %s", FAKE_CPUINFO)
-        assert _flags(host) == real
 
 
 def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: str) -> None:
