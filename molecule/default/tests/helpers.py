@@ -56,6 +56,8 @@ def cpuinfo_without(host, flags: str) -> Iterator[None]:
     unmounted afterwards. (A container may mount with CAP_SYS_ADMIN unless an AppArmor profile
     forbids it; the test machines run none.)"""
     copy = CPUINFO_COPY
+    # (the flags read below must be the CPU's)
+    assert not host.file(copy).exists, f"{copy} is left mounted by a killed test: umount it"
     real = host.check_output("grep -m1 '^flags' /proc/cpuinfo")
     host.check_output(f"sed -E '/^flags/ s/ ({flags})\\b//g' /proc/cpuinfo > {copy}")
     host.check_output(f"mount --bind {copy} /proc/cpuinfo")

@@ -371,37 +371,41 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
             moved.rename(kept)
 
 
-def test_a_build_that_fails_shows_the_end_of_its_log_and_publishes_nothing(host) -> None:
+def test_a_build_that_fails_shows_the_end_of_its_log_and_publishes_nothing() -> None:
     # A build setting that breaks vLLM's setup.py: the kernels' wheel at a path it cannot open.
     # The run must fail with the build's own error (from the end of its log), publish no wheel on
-    # the builder or the controller, and leave the servers as they were.
+    # the builder or the controller, and leave the builder's own server as it was.
     builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     builds = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"
-    kept, installed = sorted(builds.iterdir()), host.check_output("ls -A /opt/vllm/wheels")
+    wheels = "ls -A /opt/vllm/wheels"
+    kept, served = sorted(builds.iterdir()), (builder.check_output(wheels), server_state(builder))
     broken = {"VLLM_PRECOMPILED_WHEEL_LOCATION": "/nonexistent.whl"}
     rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_environment=broken)
     plan = re.search(r"build ([0-9a-f]{16}) \(precompiled kernels\): to be built", out)
     assert plan, out[-3000:]
-    build = plan.group(1)
+    build, root = plan.group(1), "/var/lib/vllm-build"
     try:
         assert rc != 0
-        log = f"/var/lib/vllm-build/logs/{build}.log"
+        log = f"{root}/logs/{build}.log"
         assert f"Building vLLM 0.32.0 on {BUILDER} failed (exit 1 " in out, out[-3000:]
         assert f"Whole log: {log}. Its end:" in out
         # setup.py's own error, from the end of the log (the YAML callback may double the quotes)
         assert re.search(r"ValueError: unknown url type: '+/nonexistent\.whl'+", out), out[-3000:]
         assert "Failed to build vllm" in builder.file(log).content_string
-        assert not builder.file(f"/var/lib/vllm-build/dist/{build}").exists
+        assert not builder.file(f"{root}/dist/{build}").exists
         assert sorted(builds.iterdir()) == kept
-        assert host.check_output("ls -A /opt/vllm/wheels") == installed
-        assert host.service("vllm").is_running
+        assert (builder.check_output(wheels), server_state(builder)) == served
     finally:
+        # (all of it, also what a build that wrongly succeeded would have published)
         builder.run(
-            "rm -rf /var/lib/vllm-build/work/%s /var/lib/vllm-build/dist/%s.partial %s",
-            build,
-            build,
-            f"/var/lib/vllm-build/logs/{build}.log",
+            "rm -rf %s %s %s %s",
+            f"{root}/work/{build}",
+            f"{root}/dist/{build}.partial",
+            f"{root}/dist/{build}",
+            f"{root}/logs/{build}.log",
         )
+        for published in (builds / build, builds / f"{build}.partial"):
+            shutil.rmtree(published, ignore_errors=True)
 
 
 def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:
