@@ -45,6 +45,11 @@ def server_state(host) -> tuple[str, str, str]:
     )
 
 
+def cpu_flags(host) -> list[str]:
+    """The CPU flags `host` sees in /proc/cpuinfo (its first CPU's)."""
+    return host.check_output("grep -m1 '^flags' /proc/cpuinfo").split()
+
+
 # the copy cpuinfo_without mounts over /proc/cpuinfo (its presence: a killed test left it mounted)
 CPUINFO_COPY = "/run/cpuinfo-without-flags"
 
@@ -58,7 +63,7 @@ def cpuinfo_without(host, flags: str) -> Iterator[None]:
     copy = CPUINFO_COPY
     # (the flags read below must be the CPU's)
     assert not host.file(copy).exists, f"{copy} is left mounted by a killed test: umount it"
-    real = host.check_output("grep -m1 '^flags' /proc/cpuinfo")
+    real = cpu_flags(host)
     host.check_output(f"sed -E '/^flags/ s/ ({flags})\\b//g' /proc/cpuinfo > {copy}")
     host.check_output(f"mount --bind {copy} /proc/cpuinfo")
     try:
@@ -66,7 +71,7 @@ def cpuinfo_without(host, flags: str) -> Iterator[None]:
     finally:
         host.check_output("umount /proc/cpuinfo")
         host.check_output(f"rm -f {copy}")
-        assert host.check_output("grep -m1 '^flags' /proc/cpuinfo") == real
+        assert cpu_flags(host) == real
 
 
 def task_result(out: str, task: str, host: str) -> str:

@@ -25,6 +25,7 @@ PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 HOST, BUILDER = SERVERS[-1], SERVERS[0]
 testinfra_hosts = [HOST]
+BUILDER_HOST = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
 MIRROR = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
 UNIT = "/etc/systemd/system/vllm.service"
 SRV = "/srv/hf-standin"
@@ -87,7 +88,6 @@ def fleet_restored() -> Iterator[None]:
 def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
     host, fleet_restored: None
 ) -> None:
-    first = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     assert HOST != BUILDER
     before = host.file(UNIT).sha256sum
     # batches of one: the first server gets a setting vLLM rejects and never becomes healthy
@@ -104,7 +104,7 @@ def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
     assert ENDED.search(out), out[-3000:]
     # vLLM's own complaint, read from the journal of the unit
     assert "--no-such-option" in out.split("Last lines of its journal", 1)[1]
-    assert "--no-such-option" in first.file(UNIT).content_string
+    assert "--no-such-option" in BUILDER_HOST.file(UNIT).content_string
     # the rollout stopped there: the second batch was never touched and still serves
     assert host.file(UNIT).sha256sum == before
     assert host.service("vllm").is_running
@@ -273,8 +273,7 @@ BUILD_FOLDERS = "ls -A /var/lib/vllm-build/work /var/lib/vllm-build/dist /var/li
 def full_compile() -> tuple[str, int, str]:
     """One run of the vLLM stage on the builder asking for a full compile, which Debian's gcc 12.2
     cannot do (refused, nothing changes): the builder's folders before it, its exit code, output."""
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
-    before = builder.check_output(BUILD_FOLDERS)
+    before = BUILDER_HOST.check_output(BUILD_FOLDERS)
     rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
     return before, rc, out
 
@@ -283,16 +282,15 @@ def test_a_full_compile_with_debian_gcc_is_refused_before_anything_changes(
     host, full_compile: tuple[str, int, str]
 ) -> None:
     # (rerunning the build builds nothing: Molecule's idempotence step, changed=0 on every host)
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     before, rc, out = full_compile
     assert rc != 0
-    gcc = builder.check_output("gcc -dumpfullversion")
+    gcc = BUILDER_HOST.check_output("gcc -dumpfullversion")
     refusal = f"gcc {gcc} on builder {BUILDER} is older than 12.3, which vLLM v0.32.0 requires"
     assert refusal + " for x86 CPU builds" in out, out[-3000:]
     assert "vllm_build_use_precompiled: true" in out
     assert _recap_changed(out, BUILDER) == 0
     assert "Install what the build needs" not in out
-    assert builder.check_output(BUILD_FOLDERS) == before
+    assert BUILDER_HOST.check_output(BUILD_FOLDERS) == before
     assert host.service("vllm").is_running
 
 
@@ -302,7 +300,6 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
     # A full-compile wheel the controller keeps, compiled (says its build.json) on a builder whose
     # C library is newer than any server's: its kernels would not load on them. Faked here under the
     # id a full compile would have, and removed afterwards.
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     plan = re.search(r"build ([0-9a-f]{16}) \(full compile\): to be built", full_compile[2])
     assert full_compile[1] != 0 and plan, full_compile[2][-3000:]
     kept = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds" / plan.group(1)
@@ -312,7 +309,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         manifest = {"wheel": "vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl", "kernels": ["_C"]}
         manifest |= {"builder": "newer-builder", "glibc": "99.1", "build_id": plan.group(1)}
         (kept / "build.json").write_text(json.dumps(manifest))
-        before = builder.check_output(BUILD_FOLDERS)
+        before = BUILDER_HOST.check_output(BUILD_FOLDERS)
         rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
         assert rc != 0
         glibc = host.check_output("getconf GNU_LIBC_VERSION").split()[-1]
@@ -324,7 +321,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         )
         assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
         assert _recap_changed(out, BUILDER) == 0
-        assert builder.check_output(BUILD_FOLDERS) == before
+        assert BUILDER_HOST.check_output(BUILD_FOLDERS) == before
         assert host.service("vllm").is_running
     finally:
         shutil.rmtree(kept)
@@ -344,12 +341,11 @@ def test_a_server_without_avx2_is_refused_before_anything_changes(host) -> None:
 def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host) -> None:
     # The controller lost the build (moved aside here). The next run finds the wheel the builder
     # already built under that id and publishes it again: nothing fetched, nothing compiled.
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     builds = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"
     [kept] = [d for d in builds.iterdir() if (d / "build.json").is_file()]
     moved = builds / f"moved-aside-{kept.name}"
     saved = (kept / "build.json").read_text()
-    dist = builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
+    dist = BUILDER_HOST.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
     try:
         kept.rename(moved)
         rc, out = _stage("vllm.yml", limit=BUILDER)
@@ -358,7 +354,7 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
         assert "Fetch the commit from git" not in out
         assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
         # the same build id, the builder's wheel untouched, published again on the controller
-        assert builder.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == dist
+        assert BUILDER_HOST.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == dist
         assert (kept / "build.json").read_text() == saved
         wheels = list(moved.glob("*.whl"))
         assert wheels
@@ -375,10 +371,12 @@ def test_a_build_that_fails_shows_the_end_of_its_log_and_publishes_nothing() -> 
     # A build setting that breaks vLLM's setup.py: the kernels' wheel at a path it cannot open.
     # The run must fail with the build's own error (from the end of its log), publish no wheel on
     # the builder or the controller, and leave the builder's own server as it was.
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     builds = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"
     wheels = "ls -A /opt/vllm/wheels"
-    kept, served = sorted(builds.iterdir()), (builder.check_output(wheels), server_state(builder))
+    kept, served = (
+        sorted(builds.iterdir()),
+        (BUILDER_HOST.check_output(wheels), server_state(BUILDER_HOST)),
+    )
     broken = {"VLLM_PRECOMPILED_WHEEL_LOCATION": "/nonexistent.whl"}
     rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_environment=broken)
     plan = re.search(r"build ([0-9a-f]{16}) \(precompiled kernels\): to be built", out)
@@ -391,13 +389,13 @@ def test_a_build_that_fails_shows_the_end_of_its_log_and_publishes_nothing() -> 
         assert f"Whole log: {log}. Its end:" in out
         # setup.py's own error, from the end of the log (the YAML callback may double the quotes)
         assert re.search(r"ValueError: unknown url type: '+/nonexistent\.whl'+", out), out[-3000:]
-        assert "Failed to build vllm" in builder.file(log).content_string
-        assert not builder.file(f"{root}/dist/{build}").exists
+        assert "Failed to build vllm" in BUILDER_HOST.file(log).content_string
+        assert not BUILDER_HOST.file(f"{root}/dist/{build}").exists
         assert sorted(builds.iterdir()) == kept
-        assert (builder.check_output(wheels), server_state(builder)) == served
+        assert (BUILDER_HOST.check_output(wheels), server_state(BUILDER_HOST)) == served
     finally:
         # (all of it, also what a build that wrongly succeeded would have published)
-        builder.run(
+        BUILDER_HOST.run(
             "rm -rf %s %s %s %s",
             f"{root}/work/{build}",
             f"{root}/dist/{build}.partial",
@@ -409,9 +407,8 @@ def test_a_build_that_fails_shows_the_end_of_its_log_and_publishes_nothing() -> 
 
 
 def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:
-    builder = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
     listing = "ls -A /var/lib/vllm-build/dist /opt/vllm/wheels"
-    before = builder.check_output(listing), host.check_output("ls -A /opt/vllm/wheels")
+    before = BUILDER_HOST.check_output(listing), host.check_output("ls -A /opt/vllm/wheels")
     # a setting that is part of the build id: a real run would build a new wheel
     rc, out = run_playbook(
         "playbooks/vllm.yml",
@@ -422,7 +419,10 @@ def test_check_mode_previews_a_new_build_instead_of_failing(host) -> None:
     assert rc == 0, out[-3000:]
     assert "Check mode: the controller has no wheel for build" in out
     assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
-    assert (builder.check_output(listing), host.check_output("ls -A /opt/vllm/wheels")) == before
+    assert (
+        BUILDER_HOST.check_output(listing),
+        host.check_output("ls -A /opt/vllm/wheels"),
+    ) == before
 
 
 def test_a_quantization_the_cpu_cannot_run_is_refused_before_anything_changes(host) -> None:

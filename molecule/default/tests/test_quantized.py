@@ -27,7 +27,15 @@ from dataclasses import dataclass
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import CPUINFO_COPY, api, api_key, cpuinfo_without, run_playbook, server_state
+from helpers import (
+    CPUINFO_COPY,
+    api,
+    api_key,
+    cpu_flags,
+    cpuinfo_without,
+    run_playbook,
+    server_state,
+)
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -125,10 +133,6 @@ def _deploying(checkpoint: Checkpoint) -> dict[str, str]:
     }
 
 
-def _flags(host) -> list[str]:
-    return host.check_output("grep -m1 '^flags' /proc/cpuinfo").split()
-
-
 def _assert_refused(checkpoint: Checkpoint, done: Deployed) -> None:
     """Refused by the preflight, in words, before the unit or the running server changed."""
     assert done.rc != 0
@@ -148,7 +152,7 @@ def deployed() -> Iterator[dict[str, Deployed]]:
         assert not host.file(CPUINFO_COPY).exists, f"{CPUINFO_COPY} is left mounted: umount it"
     model_vars = {PLACED[key]: _deploying(c) for key, c in CHECKPOINTS.items()}
     runnable = {
-        key: c.needs is None or c.needs in _flags(hosts[key]) for key, c in CHECKPOINTS.items()
+        key: c.needs is None or c.needs in cpu_flags(hosts[key]) for key, c in CHECKPOINTS.items()
     }
     result: dict[str, Deployed] = {}
     try:
@@ -227,7 +231,7 @@ def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
     name = PLACED["gptq-int4"]
     host = _host(name)
     with cpuinfo_without(host, "avx512[a-z0-9_]*|amx[a-z0-9_]*"):
-        assert not {"avx512f", "amx_tile"} & set(_flags(host))
+        assert not {"avx512f", "amx_tile"} & set(cpu_flags(host))
         yield name
 
 
