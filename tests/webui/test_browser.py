@@ -16,7 +16,6 @@ Environment:
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import socket
@@ -39,7 +38,9 @@ sync_api = pytest.importorskip(
 
 CHROMIUM = os.environ.get("VLLM_WEBUI_TEST_CHROMIUM", "/usr/bin/chromium")
 USER, PASSWORD = "ada", 'pa ss"word$1'  # characters a shell or an env file could mangle
-FIRST, SECOND = "My name is Ada.", "What is my name?"
+# The first message's later lines are indented: Gradio's Chatbot would give it back dedented (see
+# app.as_chatbot_keeps), and the page must still send it on as typed.
+FIRST, SECOND = "My name is Ada.\n    I write code.", "What is my name?"
 REPLY_TIMEOUT = 300.0
 # Long enough (a few seconds on a busy 2-core test machine) to watch the answer grow.
 MAX_TOKENS = 96
@@ -235,14 +236,11 @@ def test_two_turns_stream_in_and_the_second_request_carries_the_first(
         {"role": "system", "content": "You are a helpful assistant.\nAnswer briefly."},
         {"role": "user", "content": FIRST},
     ]
-    # The second request carries the whole first turn: the question and the answer as the server
-    # streamed it, then the new question. "As streamed" but for one change of Gradio's: its
-    # Chatbot keeps a text message as inspect.cleandoc(text) (gradio/components/chatbot.py,
-    # _postprocess_content), so lines after the first lose their common indentation (a CI run's
-    # random-weight answer held "\n rel" and the page sent back "\nrel").
+    # The second request carries the whole first turn, the question as typed and the answer as the
+    # server streamed it, then the new question: not the dedented form Gradio's Chatbot keeps.
     assert second.request["messages"] == [
         *first.request["messages"],
-        {"role": "assistant", "content": inspect.cleandoc(first.streamed_text()).strip()},
+        {"role": "assistant", "content": first.streamed_text().strip()},
         {"role": "user", "content": SECOND},
     ]
     assert first.request["stream"] is second.request["stream"] is True

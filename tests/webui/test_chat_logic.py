@@ -7,6 +7,7 @@ streams back, not what it says. Settings and message building need no server.
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 
 import pytest
@@ -32,6 +33,28 @@ def test_messages_hold_the_system_prompt_and_every_earlier_turn(app: ModuleType)
         {"role": "assistant", "content": "Hello Ada."},
         {"role": "user", "content": "What is my name?"},
     ]
+
+
+def test_messages_carry_texts_as_they_were_not_as_the_chatbot_changed_them(
+    app: ModuleType,
+) -> None:
+    question, answer = "Fix this:\n    x = 1\n    y = 2", "Here:\n\n    x = 1\n      y = 2\n"
+    originals: dict[str, str] = {}
+    app.remember(originals, question)
+    key = app.remember(originals, answer[:12])  # the answer while it streams in
+    app.remember(originals, answer, key)
+    history = [  # as the Chatbot gives them back (inspect.cleandoc)
+        {"role": "user", "content": [{"type": "text", "text": inspect.cleandoc(question)}]},
+        {"role": "assistant", "content": [{"type": "text", "text": inspect.cleandoc(answer)}]},
+    ]
+    assert inspect.cleandoc(answer) != answer.strip()
+    assert app.build_messages("", history, "Thanks.", originals) == [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer.strip()},
+        {"role": "user", "content": "Thanks."},
+    ]
+    assert len(originals) == 2  # the streaming answer's shorter form is gone; plain texts need none
+    assert app.remember(originals, "Plain\ntext") == "" and len(originals) == 2
 
 
 def test_messages_leave_out_empty_turns_annotations_and_an_empty_system_prompt(

@@ -10,6 +10,7 @@ here reaches anything but the configured API: no share link, no analytics, no do
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -161,14 +162,44 @@ def _text_of(content: object) -> str:
     return ""
 
 
+def as_chatbot_keeps(text: str) -> str:
+    """A message's text as Gradio's Chatbot keeps it in the history it passes back.
+
+    Gradio 6 runs every text message through inspect.cleandoc (gradio/components/chatbot.py,
+    _postprocess_content): lines after the first lose their common indentation, so an answer whose
+    code lines are all indented comes back changed. `remember` keeps the original for such texts.
+    """
+    return inspect.cleandoc(text).strip()
+
+
+def remember(originals: dict[str, str], text: str, replaces: str = "") -> str:
+    """Note `text` as the original of the form the Chatbot will give back, when they differ.
+
+    `replaces` is the key this text's previous, shorter version got (a reply still streaming); it
+    is dropped. Returns the key to pass as `replaces` next time. Texts Gradio keeps unchanged need
+    no entry, so the map holds only the few that do.
+    """
+    originals.pop(replaces, None)
+    key = as_chatbot_keeps(text)
+    if key == text.strip():
+        return ""
+    originals[key] = text.strip()
+    return key
+
+
 def build_messages(
-    system_prompt: str, history: Sequence[Mapping[str, Any]], message: str
+    system_prompt: str,
+    history: Sequence[Mapping[str, Any]],
+    message: str,
+    originals: Mapping[str, str] | None = None,
 ) -> list[Message]:
     """The whole conversation for one turn: the system prompt, every earlier turn, the new message.
 
     `history` holds OpenAI-style messages as Gradio's chat components pass them (content a string or
     a list of text parts). Messages without text, other roles and Gradio's annotations (messages
-    with a metadata title, such as tool or thinking notes) are not part of the conversation.
+    with a metadata title, such as tool or thinking notes) are not part of the conversation. A text
+    found in `originals` (see `remember`) is sent as it was typed or streamed, not as the Chatbot
+    changed it: the model sees the conversation it had, and its prefix cache still matches.
     """
     messages: list[Message] = []
     if system_prompt.strip():
@@ -176,7 +207,7 @@ def build_messages(
     for item in history:
         role, text = item.get("role"), _text_of(item.get("content")).strip()
         if role in ("user", "assistant") and text and not (item.get("metadata") or {}).get("title"):
-            messages.append({"role": str(role), "content": text})
+            messages.append({"role": str(role), "content": (originals or {}).get(text, text)})
     messages.append({"role": "user", "content": message})
     return messages
 
@@ -316,27 +347,30 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
     def respond(
         message: str,
         history: list[dict[str, Any]],
+        originals: dict[str, str],
         model: str | None,
         system_prompt: str,
         temperature: float,
         top_p: float,
         max_tokens: float,
         repetition_penalty: float,
-    ) -> Iterator[str]:
+    ) -> Iterator[tuple[str, dict[str, str]]]:
         sampling = Sampling(temperature, top_p, int(max_tokens), repetition_penalty)
-        text = ""
+        text = key = ""
         try:
-            messages = build_messages(system_prompt, history, message)
+            messages = build_messages(system_prompt, history, message, originals)
+            remember(originals, message)
             chosen = resolve_model(client, model)
             for delta in stream_reply(client, chosen, messages, sampling, settings.session_header):
                 text += delta
-                yield text
+                key = remember(originals, text, key)  # before the yield: Stop ends it there
+                yield text, originals
         except BackendError as err:
             raise gr.Error(
                 str(err), duration=None, title="Model server", print_exception=False
             ) from err
         if not text:
-            yield "(the model returned no text)"
+            yield "(the model returned no text)", originals
 
     def refresh_models(current: str | None) -> Any:
         try:
@@ -349,6 +383,8 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
 
     initial = [settings.model] if settings.model else []
     with gr.Blocks(title=settings.title, fill_height=True, analytics_enabled=False) as page:
+        # this browser session's texts the Chatbot changes, by the form it gives back (`remember`)
+        originals = gr.State({})
         with gr.Sidebar(label="Settings", open=False):
             model = gr.Dropdown(
                 choices=initial,
@@ -383,6 +419,7 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
                 elem_id="message",
             ),
             additional_inputs=[
+                originals,
                 model,
                 system_prompt,
                 temperature,
@@ -390,6 +427,7 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
                 max_tokens,
                 repetition_penalty,
             ],
+            additional_outputs=[originals],
             title=settings.title,
             flagging_mode="never",
             save_history=False,
