@@ -35,26 +35,73 @@ def test_messages_hold_the_system_prompt_and_every_earlier_turn(app: ModuleType)
     ]
 
 
+def _as_chatbot_gives_back(*texts: str) -> list[dict[str, object]]:
+    """A history of alternating questions and answers as the Chatbot gives it back (cleandoc)."""
+    return [
+        {"role": ("user", "assistant")[i % 2], "content": [{"type": "text", "text": t}]}
+        for i, t in enumerate(inspect.cleandoc(text) for text in texts)
+    ]
+
+
+QUESTION, ANSWER = "Fix this:\n    x = 1\n    y = 2", "Here:\n\n    x = 1\n      y = 2\n"
+
+
+def _streamed(originals: object, answer: str, step: int = 3) -> None:
+    """Stream `answer` into `originals` as the page does, `step` characters at a time."""
+    for end in range(step, len(answer) + step, step):
+        originals.stream(answer[:end])  # type: ignore[attr-defined]
+
+
 def test_messages_carry_texts_as_they_were_not_as_the_chatbot_changed_them(
     app: ModuleType,
 ) -> None:
-    question, answer = "Fix this:\n    x = 1\n    y = 2", "Here:\n\n    x = 1\n      y = 2\n"
-    originals: dict[str, str] = {}
-    app.remember(originals, question)
-    key = app.remember(originals, answer[:12])  # the answer while it streams in
-    app.remember(originals, answer, key)
-    history = [  # as the Chatbot gives them back (inspect.cleandoc)
-        {"role": "user", "content": [{"type": "text", "text": inspect.cleandoc(question)}]},
-        {"role": "assistant", "content": [{"type": "text", "text": inspect.cleandoc(answer)}]},
-    ]
-    assert inspect.cleandoc(answer) != answer.strip()
+    originals = app.Originals()
+    assert originals.begin([], QUESTION) == QUESTION
+    _streamed(originals, ANSWER)
+    originals.finish()
+    history = _as_chatbot_gives_back(QUESTION, ANSWER)
+    assert inspect.cleandoc(ANSWER) != ANSWER.strip()
     assert app.build_messages("", history, "Thanks.", originals) == [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": answer.strip()},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": ANSWER.strip()},
         {"role": "user", "content": "Thanks."},
     ]
-    assert len(originals) == 2  # the streaming answer's shorter form is gone; plain texts need none
-    assert app.remember(originals, "Plain\ntext") == "" and len(originals) == 2
+    originals.settle(history)
+    assert sorted(originals.texts.values()) == sorted([QUESTION, ANSWER.strip()])
+    originals.note("Plain\ntext")  # texts the Chatbot keeps unchanged need no entry
+    assert len(originals.texts) == 2
+
+
+def test_an_answer_cut_short_by_stop_goes_as_streamed_whichever_step_the_page_shows(
+    app: ModuleType,
+) -> None:
+    answer = "Here:\n" + "".join(f"    line {n}\n" for n in range(40))
+    for shown_steps_back in (0, 1, 5):  # the page may show a step before the last one streamed
+        originals = app.Originals()
+        originals.begin([], QUESTION)
+        _streamed(originals, answer[:-20])  # Stop: no finish()
+        shown = answer[:-20][: originals.ends[-1 - shown_steps_back]]
+        assert inspect.cleandoc(shown) != shown.strip()
+        history = _as_chatbot_gives_back(QUESTION, shown)
+        originals.settle(history)
+        assert app.build_messages("", history, "Go on.", originals)[:2] == [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": shown.strip()},
+        ], shown_steps_back
+
+
+def test_retry_sends_the_question_as_typed_and_cleared_texts_are_forgotten(
+    app: ModuleType,
+) -> None:
+    originals = app.Originals()
+    originals.begin([], QUESTION)
+    _streamed(originals, ANSWER)
+    originals.finish()
+    # Retry: the Chatbot drops the last turn and passes its question back in its own form
+    assert originals.begin([], inspect.cleandoc(QUESTION)) == QUESTION
+    assert list(originals.texts.values()) == [QUESTION]  # kept for the answer to come
+    originals.begin([], "Something else")  # Clear, then a new question
+    assert originals.texts == {} and originals.ends == []
 
 
 def test_messages_leave_out_empty_turns_annotations_and_an_empty_system_prompt(

@@ -167,39 +167,90 @@ def as_chatbot_keeps(text: str) -> str:
 
     Gradio 6 runs every text message through inspect.cleandoc (gradio/components/chatbot.py,
     _postprocess_content): lines after the first lose their common indentation, so an answer whose
-    code lines are all indented comes back changed. `remember` keeps the original for such texts.
+    code lines are all indented comes back changed. `Originals` keeps the original of such texts.
     """
     return inspect.cleandoc(text).strip()
 
 
-def remember(originals: dict[str, str], text: str, replaces: str = "") -> str:
-    """Note `text` as the original of the form the Chatbot will give back, when they differ.
+@dataclass
+class Originals:
+    """One browser session's texts that Gradio's Chatbot gives back changed, by the form it gives.
 
-    `replaces` is the key this text's previous, shorter version got (a reply still streaming); it
-    is dropped. Returns the key to pass as `replaces` next time. Texts Gradio keeps unchanged need
-    no entry, so the map holds only the few that do.
+    `texts` maps the Chatbot's form of a question or a finished answer to the text as it was typed
+    or streamed; texts the Chatbot keeps unchanged need no entry. An answer still streaming, or cut
+    short by Stop, is `streamed` (its whole text so far) with `ends`, its length after each step the
+    page may have shown: after Stop the page shows one of the last steps, not necessarily the last
+    one this code reached, and `settle` finds which. Only the last LOOK_BACK steps are looked at,
+    so a Stop costs little however long the answer; past them, a text goes out in the Chatbot's
+    form, as it would with no `Originals` at all.
     """
-    originals.pop(replaces, None)
-    key = as_chatbot_keeps(text)
-    if key == text.strip():
-        return ""
-    originals[key] = text.strip()
-    return key
+
+    LOOK_BACK = 64
+
+    texts: dict[str, str] = field(default_factory=dict)
+    streamed: str = ""
+    ends: list[int] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        """Keep `text` for the form the Chatbot will give back, if that form differs."""
+        key = as_chatbot_keeps(text)
+        if key != text.strip():
+            self.texts[key] = text.strip()
+
+    def stream(self, text: str) -> None:
+        """The streaming answer has grown to `text` (one step, about to be shown)."""
+        self.streamed = text
+        self.ends.append(len(text))
+        del self.ends[: -self.LOOK_BACK]
+
+    def finish(self) -> None:
+        """The streamed answer is complete: keep it as a finished text."""
+        if self.streamed:
+            self.note(self.streamed)
+        self.streamed, self.ends = "", []
+
+    def original(self, text: str) -> str:
+        """The text as it was typed or streamed, for the form the Chatbot gave back."""
+        return self.texts.get(text.strip(), text)
+
+    def begin(self, history: Sequence[Mapping[str, Any]], message: str) -> str:
+        """Start a turn: settle the map on `history`; return the question to send.
+
+        Retry passes the question back in the Chatbot's form; it goes as it was typed.
+        """
+        message = self.original(message)
+        self.settle(history)
+        self.note(message)
+        return message
+
+    def settle(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """At the start of a turn: resolve a stopped answer, forget texts no longer in `history`.
+
+        The map then holds the current conversation's texts only, whatever Clear, Undo, Retry or
+        Stop did to it.
+        """
+        shown = {_text_of(item.get("content")).strip() for item in history}
+        for end in reversed(self.ends):
+            if as_chatbot_keeps(self.streamed[:end]) in shown:
+                self.note(self.streamed[:end])
+                break
+        self.streamed, self.ends = "", []
+        self.texts = {key: text for key, text in self.texts.items() if key in shown}
 
 
 def build_messages(
     system_prompt: str,
     history: Sequence[Mapping[str, Any]],
     message: str,
-    originals: Mapping[str, str] | None = None,
+    originals: Originals | None = None,
 ) -> list[Message]:
     """The whole conversation for one turn: the system prompt, every earlier turn, the new message.
 
     `history` holds OpenAI-style messages as Gradio's chat components pass them (content a string or
     a list of text parts). Messages without text, other roles and Gradio's annotations (messages
     with a metadata title, such as tool or thinking notes) are not part of the conversation. A text
-    found in `originals` (see `remember`) is sent as it was typed or streamed, not as the Chatbot
-    changed it: the model sees the conversation it had, and its prefix cache still matches.
+    found in `originals` is sent as it was typed or streamed, not as the Chatbot changed it: the
+    model sees the conversation it had, and its prefix cache still matches.
     """
     messages: list[Message] = []
     if system_prompt.strip():
@@ -207,7 +258,8 @@ def build_messages(
     for item in history:
         role, text = item.get("role"), _text_of(item.get("content")).strip()
         if role in ("user", "assistant") and text and not (item.get("metadata") or {}).get("title"):
-            messages.append({"role": str(role), "content": (originals or {}).get(text, text)})
+            content = originals.original(text) if originals else text
+            messages.append({"role": str(role), "content": content})
     messages.append({"role": "user", "content": message})
     return messages
 
@@ -347,24 +399,25 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
     def respond(
         message: str,
         history: list[dict[str, Any]],
-        originals: dict[str, str],
+        originals: Originals,
         model: str | None,
         system_prompt: str,
         temperature: float,
         top_p: float,
         max_tokens: float,
         repetition_penalty: float,
-    ) -> Iterator[tuple[str, dict[str, str]]]:
+    ) -> Iterator[tuple[str, Originals]]:
         sampling = Sampling(temperature, top_p, int(max_tokens), repetition_penalty)
-        text = key = ""
+        message = originals.begin(history, message)
+        text = ""
         try:
             messages = build_messages(system_prompt, history, message, originals)
-            remember(originals, message)
             chosen = resolve_model(client, model)
             for delta in stream_reply(client, chosen, messages, sampling, settings.session_header):
                 text += delta
-                key = remember(originals, text, key)  # before the yield: Stop ends it there
+                originals.stream(text)  # before the yield: Stop ends it there
                 yield text, originals
+            originals.finish()
         except BackendError as err:
             raise gr.Error(
                 str(err), duration=None, title="Model server", print_exception=False
@@ -383,8 +436,8 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
 
     initial = [settings.model] if settings.model else []
     with gr.Blocks(title=settings.title, fill_height=True, analytics_enabled=False) as page:
-        # this browser session's texts the Chatbot changes, by the form it gives back (`remember`)
-        originals = gr.State({})
+        # this browser session's texts the Chatbot changes, by the form it gives back
+        originals = gr.State(Originals())
         with gr.Sidebar(label="Settings", open=False):
             model = gr.Dropdown(
                 choices=initial,
