@@ -105,6 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--short-prompt-tokens", type=int, default=8, help="prompt of the decode/stream requests"
     )
     ap.add_argument(
+        "--chat",
+        default="8,256,64,32",
+        metavar="TURNS,SYSTEM,QUESTION,ANSWER",
+        help="the multi-turn chat: turns, and the tokens of the system prompt, of each question"
+        " and of each answer; run with and without prefix caching (0: no chat)",
+    )
+    ap.add_argument(
         "--restart-each-run",
         action="store_true",
         help="start every server anew for each run (default: once per configuration)",
@@ -143,6 +150,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    chat = [int(n) for n in args.chat.split(",") if n.strip().isdigit()]
+    if chat == [0]:
+        args.chat_shape = None
+    elif len(chat) == 4 and all(chat):
+        args.chat_shape = client.ChatShape(*chat)
+    else:
+        ap.error(f"--chat {args.chat}: expected 0 or four positive numbers, e.g. 8,256,64,32")
     args.runs_of = dict.fromkeys(args.configs, args.runs)
     for item in args.runs_for:
         name, _, n = item.partition("=")
@@ -311,6 +325,11 @@ def estimate_seconds(
     for c in args.concurrency:
         run += c * args.short_prompt_tokens * prefill_token
         run += args.stream_tokens * max(step, c * prefill_token)
+    if chat := args.chat_shape:  # with reuse each turn computes its new tokens; without, all
+        turns = range(1, chat.turns + 1)
+        run += 2 * chat.turns * chat.answer_tokens * step
+        run += sum(chat.question_tokens + chat.answer_tokens for _ in turns) * prefill_token
+        run += sum(chat.prompt_tokens(n) for n in turns) * prefill_token
     return start, run + 5
 
 
@@ -426,6 +445,7 @@ async def measure_server(
                     args.stream_tokens,
                     args.concurrency,
                     args.short_prompt_tokens,
+                    args.chat_shape,
                 ),
                 timeout=args.run_timeout,
             )
@@ -457,6 +477,53 @@ def fmt(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{med:.{digits}f}"
     return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def chat_summary(records: list[dict[str, Any]], session: dict[str, Any]) -> list[str]:
+    """The multi-turn chat's table: time to first token as the context grows, with and without
+    reuse of the earlier turns (prefix caching), and the whole conversation's time."""
+    shape = session["params"].get("chat")
+    rows = [r for r in records if "chat" in r]
+    if not shape or not rows:
+        return []
+    last = shape["turns"]
+    prompt = shape["system_tokens"] + last * shape["question_tokens"]
+    prompt += (last - 1) * shape["answer_tokens"]
+    lines = [
+        "",
+        f"Multi-turn chat: {last} turns, a {shape['system_tokens']}-token system prompt,"
+        f" {shape['question_tokens']}-token questions and {shape['answer_tokens']}-token answers;"
+        " each turn sends the whole conversation (the last one"
+        f" {prompt} tokens). With prefix caching: the server may reuse the earlier turns"
+        " (vLLM's prefix cache, llama-server's cache_prompt); without: every turn computes its"
+        " whole prompt (vLLM: a cache salt per request; llama-server: cache_prompt false). Tokens"
+        " from cache: as the server counts them (vLLM's /metrics, in whole KV blocks;"
+        " llama-server's cache_n).",
+        "",
+        "| configuration | TTFT last turn, cached (s) | TTFT last turn, uncached (s)"
+        " | conversation, cached (s) | conversation, uncached (s) | speed-up"
+        " | prompt tokens from cache, cached / uncached |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in session["params"]["configs"]:
+        rs = [r["chat"] for r in rows if r["config"] == name]
+        if not rs:
+            continue
+        on = [c["reuse"]["wall_s"] for c in rs]
+        off = [c["no_reuse"]["wall_s"] for c in rs]
+        cells = [
+            name,
+            fmt([c["reuse"]["ttft_s"][-1] for c in rs]),
+            fmt([c["no_reuse"]["ttft_s"][-1] for c in rs]),
+            fmt(on),
+            fmt(off),
+            f"{statistics.median(off) / statistics.median(on):.2f}x",
+            fmt([c["reuse"]["cached_prompt_tokens"] for c in rs], 0)
+            + " / "
+            + fmt([c["no_reuse"]["cached_prompt_tokens"] for c in rs], 0),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
@@ -531,6 +598,7 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
             fmt([r["startup_s"] for r in rs if r.get("startup_s") is not None], 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += chat_summary(records, session)
     lines += [
         "",
         "Ceiling = the best bandwidth measured / bytes read per decoded token (every weight at the"
@@ -554,14 +622,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prepare_only:
         for name in args.configs:
             procs.require_free_port(ports[name])
-    jobs = args.build_jobs or (len(configs.host_facts()["cpus"]) or 1)
+    facts = configs.host_facts()
+    jobs = args.build_jobs or (len(facts["cpus"]) or 1)
+    # llama.cpp's AMX int8 path dies with SIGILL on these hosts (artifacts.ensure_llama_server)
+    without_amx = "amx_int8" in facts["flags"]
 
     quant, outtype = PRECISIONS[args.precision]
     model = args.model.resolve() if args.model else artifacts.ensure_model(args.model_preset, quant)
     vllm_python = artifacts.ensure_vllm_venv() if {"recipe", "tuned"} & set(args.configs) else None
     llama_dir = gguf = gguf_type = None
     if "llamacpp" in args.configs:
-        without_amx = "amx_int8" in configs.host_facts()["flags"]
         llama_dir = artifacts.ensure_llama_server(jobs, without_amx)
         vllm_python = vllm_python or artifacts.ensure_vllm_venv()  # the converter needs torch
         # int8/int4: llama.cpp's own formats (Q8_0, Q4_K_M), made from the bf16 model by its tools
@@ -572,7 +642,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     assert vllm_python is not None
 
-    facts = configs.host_facts()
     model_config = json.loads((model / "config.json").read_text())
     weights_bytes = configs.model_weights_bytes(model)
     first_special = first_added_token(model, int(model_config["vocab_size"]))
@@ -597,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             assert llama_dir is not None
             tensor_bytes = artifacts.gguf_tensor_bytes(gguf, llama_dir, vllm_python)
         return configs.llamacpp(
-            llama_server, gguf, gguf_type, ports[name], state, facts, tensor_bytes
+            llama_server, gguf, gguf_type, ports[name], state, facts, without_amx, tensor_bytes
         )
 
     servers = {name: make(name) for name in args.configs}
@@ -633,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             "stream_tokens": args.stream_tokens,
             "concurrency": args.concurrency,
             "short_prompt_tokens": args.short_prompt_tokens,
+            "chat": vars(args.chat_shape) if args.chat_shape else None,
             "restart_each_run": args.restart_each_run,
             "tuned_overrides": args.tuned_overrides,
             "sampling": "greedy (temperature 0), ignore_eos, repetition penalty 1.0",

@@ -2,7 +2,8 @@
 
 Prompts are lists of token ids (the completions API takes them), so a "512-token prompt" is exactly
 512 tokens for every server, whatever each tokenizer does with text; every request gets a prompt of
-its own, so no server answers from a prefix cache. Sampling is greedy (temperature 0, no repetition
+its own, so no server answers from a prefix cache, except in the multi-turn chat (`chat`), which
+measures exactly that. Sampling is greedy (temperature 0, no repetition
 penalty) and `ignore_eos` makes every request generate exactly max_tokens: the counts the servers
 report (usage, stream_options.include_usage) are checked against max_tokens.
 """
@@ -13,6 +14,7 @@ import asyncio
 import random
 import statistics
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ class Stream:
     usage_reported: bool
     first_tokens: int  # tokens the first chunk carried
     last_tokens: int  # tokens generated when the last chunk arrived
+    cached_tokens: int | None = None  # prompt tokens reused from llama-server's cache (cache_n)
 
     @property
     def ttft(self) -> float:
@@ -91,15 +94,48 @@ class Client:
             self.extra["repetition_penalty"] = 1.0
         else:
             self.extra["timings_per_token"] = True
+        self.kind = kind
+        self.base_url = base_url
+
+    def no_reuse(self) -> dict[str, Any]:
+        """Request fields that keep the server from reusing any earlier request's computation.
+
+        vLLM: a cache salt of its own (the prefix cache only matches blocks of the same salt), so
+        the request computes as with --no-enable-prefix-caching, on the same server. llama-server:
+        cache_prompt false (it would keep the slot's KV cache of the common prefix otherwise).
+        """
+        if self.kind == "vllm":
+            return {"cache_salt": uuid.uuid4().hex}
+        return {"cache_prompt": False}
+
+    async def prefix_cache_hits(self) -> int | None:
+        """vLLM's count of prompt tokens found in its prefix cache so far (its /metrics); None for
+        llama-server, whose responses say it per request (Stream.cached_tokens)."""
+        if self.kind != "vllm":
+            return None
+        response = await self.http.get(self.base_url + "/metrics")
+        response.raise_for_status()
+        return round(
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in response.text.splitlines()
+                if line.startswith("vllm:prefix_cache_hits_total")
+            )
+        )
 
     async def close(self) -> None:
         """Close the connections."""
         await self.http.aclose()
 
     async def stream(
-        self, prompt: list[int], max_tokens: int, headers: dict[str, str] | None = None
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
     ) -> Stream:
-        """One streamed completion (with more request `headers`); checks the token counts."""
+        """One streamed completion (with more request `headers` and `body` fields); checks the
+        token counts."""
         sent = time.perf_counter()
         response = await self.openai.completions.create(
             model=SERVED_MODEL_NAME,
@@ -108,11 +144,12 @@ class Client:
             temperature=0.0,
             stream=True,
             stream_options=self.stream_options,  # type: ignore[arg-type]
-            extra_body=self.extra,
+            extra_body=self.extra | (body or {}),
             extra_headers=headers,
         )
         marks: list[tuple[float, int]] = []  # (arrival, tokens generated so far) per chunk
         usage = None
+        cached = None
         async for chunk in response:
             now = time.perf_counter()
             if chunk.choices:
@@ -121,6 +158,7 @@ class Client:
                 count = chunk.usage.completion_tokens if chunk.usage is not None else None
                 timings = (chunk.model_extra or {}).get("timings") or {}
                 count = count or timings.get("predicted_n")
+                cached = timings.get("cache_n", cached)
                 marks.append((now, int(count or (marks[-1][1] + 1 if marks else 1))))
             if chunk.usage is not None:
                 usage = chunk.usage
@@ -149,6 +187,7 @@ class Client:
             bool(usage),
             first_tokens,
             min(last_tokens, completion),
+            cached,
         )
 
 
@@ -160,6 +199,56 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class ChatShape:
+    """The multi-turn chat: a system prompt, then `turns` questions, each answered."""
+
+    turns: int
+    system_tokens: int
+    question_tokens: int
+    answer_tokens: int
+
+    def prompt_tokens(self, turn: int) -> int:
+        """The prompt of turn `turn` (1-based): everything said before it, and its question."""
+        return self.system_tokens + turn * self.question_tokens + (turn - 1) * self.answer_tokens
+
+
+async def chat(client: Client, prompts: Prompts, shape: ChatShape, reuse: bool) -> dict[str, Any]:
+    """One conversation whose context grows every turn, as a chat page sends it: each request
+    carries the whole conversation so far and a new question, and waits for its answer.
+
+    reuse False: no request may reuse an earlier one's computation (`Client.no_reuse`): every turn
+    computes its whole prompt, as with prefix caching off. The next turn sends the answer back as
+    fresh tokens of the answer's length (the benchmark asks for token counts, not text), so a
+    server reuses the conversation up to the last question, not the answer it generated: a
+    little less than a real chat lets it reuse, for both servers alike.
+    """
+    context = prompts.make(shape.system_tokens)
+    turns: list[Stream] = []
+    hits_before = await client.prefix_cache_hits()
+    for _ in range(shape.turns):
+        context += prompts.make(shape.question_tokens)
+        turns.append(
+            await client.stream(
+                context, shape.answer_tokens, body=None if reuse else client.no_reuse()
+            )
+        )
+        context += prompts.make(shape.answer_tokens)
+    hits_after = await client.prefix_cache_hits()
+    if hits_before is not None and hits_after is not None:
+        cached = hits_after - hits_before
+    else:
+        cached = sum(t.cached_tokens or 0 for t in turns)
+    return {
+        # prompt tokens the server took from its cache over the conversation, as it reports them
+        "cached_prompt_tokens": cached,
+        "ttft_s": [round(t.ttft, 3) for t in turns],
+        "prompt_tokens": [shape.prompt_tokens(n) for n in range(1, shape.turns + 1)],
+        "decode_tokens_per_s": round(statistics.median(t.decode_rate for t in turns), 3),
+        "wall_s": round(turns[-1].done - turns[0].sent, 3),
+    }
+
+
 async def measure(
     client: Client,
     prompts: Prompts,
@@ -168,8 +257,10 @@ async def measure(
     stream_tokens: int,
     concurrency: list[int],
     short_prompt: int,
+    chat_shape: ChatShape | None = None,
 ) -> dict[str, Any]:
-    """One run: single-stream decode, TTFT of a long prompt, throughput vs concurrent streams."""
+    """One run: single-stream decode, TTFT of a long prompt, throughput vs concurrent streams, and
+    the multi-turn chat with and without reuse of earlier requests (prefix caching)."""
     result: dict[str, Any] = {}
     warm = await client.stream(prompts.make(short_prompt), 8)
     result["warmup_s"] = round(warm.done - warm.sent, 3)
@@ -204,5 +295,12 @@ async def measure(
             "tokens": tokens,
             "wall_s": round(wall, 3),
             "ttft_s": {k: round(v, 3) for k, v in _summary([x.ttft for x in streams]).items()},
+        }
+
+    if chat_shape and chat_shape.turns:
+        result["chat"] = {
+            "shape": vars(chat_shape),
+            "reuse": await chat(client, prompts, chat_shape, reuse=True),
+            "no_reuse": await chat(client, prompts, chat_shape, reuse=False),
         }
     return result

@@ -276,6 +276,7 @@ def llamacpp(
     port: int,
     state: Path,
     facts: dict[str, Any],
+    without_amx: bool,
     tensor_bytes: int | None = None,
 ) -> ServerConfig:
     """llama-server with continuous batching, 16 slots and one thread per physical core.
@@ -288,8 +289,7 @@ def llamacpp(
     argv += ["--host", "127.0.0.1", "--port", str(port)]
     argv += ["--parallel", "16", "--cont-batching", "--threads", str(cores)]
     notes = [f"llama-server, GGUF {gguf_type}, {cores} threads, 16 slots"]
-    if "amx_int8" in facts["flags"]:
-        # artifacts.ensure_llama_server: its AMX int8 path dies with SIGILL on these hosts
+    if without_amx:  # as artifacts.ensure_llama_server built it
         notes.append("built without llama.cpp's AMX int8 path (it crashes here)")
     dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}.get(gguf_type, gguf_type)
     return ServerConfig(

