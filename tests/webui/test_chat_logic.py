@@ -58,18 +58,19 @@ def test_messages_carry_texts_as_they_were_not_as_the_chatbot_changed_them(
     originals = app.Originals()
     assert originals.begin([], QUESTION) == QUESTION
     _streamed(originals, ANSWER)
-    originals.finish()
     history = _as_chatbot_gives_back(QUESTION, ANSWER)
     assert inspect.cleandoc(ANSWER) != ANSWER.strip()
+    assert originals.begin(history, "Thanks.") == "Thanks."  # as the page starts each turn
     assert app.build_messages("", history, "Thanks.", originals) == [
         {"role": "user", "content": QUESTION},
         {"role": "assistant", "content": ANSWER.strip()},
         {"role": "user", "content": "Thanks."},
     ]
-    originals.settle(history)
     assert sorted(originals.texts.values()) == sorted([QUESTION, ANSWER.strip()])
-    originals.note("Plain\ntext")  # texts the Chatbot keeps unchanged need no entry
+    originals.note("user", "Plain\ntext")  # texts the Chatbot keeps unchanged need no entry
     assert len(originals.texts) == 2
+    # a question equal to the Chatbot's form of the earlier answer is the question as typed
+    assert originals.begin(history, inspect.cleandoc(ANSWER)) == inspect.cleandoc(ANSWER)
 
 
 def test_an_answer_cut_short_by_stop_goes_as_streamed_whichever_step_the_page_shows(
@@ -79,11 +80,11 @@ def test_an_answer_cut_short_by_stop_goes_as_streamed_whichever_step_the_page_sh
     for shown_steps_back in (0, 1, 5):  # the page may show a step before the last one streamed
         originals = app.Originals()
         originals.begin([], QUESTION)
-        _streamed(originals, answer[:-20])  # Stop: no finish()
+        _streamed(originals, answer[:-20])  # then Stop
         shown = answer[:-20][: originals.ends[-1 - shown_steps_back]]
         assert inspect.cleandoc(shown) != shown.strip()
         history = _as_chatbot_gives_back(QUESTION, shown)
-        originals.settle(history)
+        originals.begin(history, "Go on.")
         assert app.build_messages("", history, "Go on.", originals)[:2] == [
             {"role": "user", "content": QUESTION},
             {"role": "assistant", "content": shown.strip()},
@@ -96,7 +97,6 @@ def test_retry_sends_the_question_as_typed_and_cleared_texts_are_forgotten(
     originals = app.Originals()
     originals.begin([], QUESTION)
     _streamed(originals, ANSWER)
-    originals.finish()
     # Retry: the Chatbot drops the last turn and passes its question back in its own form
     assert originals.begin([], inspect.cleandoc(QUESTION)) == QUESTION
     assert list(originals.texts.values()) == [QUESTION]  # kept for the answer to come

@@ -176,63 +176,57 @@ def as_chatbot_keeps(text: str) -> str:
 class Originals:
     """One browser session's texts that Gradio's Chatbot gives back changed, by the form it gives.
 
-    `texts` maps the Chatbot's form of a question or a finished answer to the text as it was typed
-    or streamed; texts the Chatbot keeps unchanged need no entry. An answer still streaming, or cut
-    short by Stop, is `streamed` (its whole text so far) with `ends`, its length after each step the
-    page may have shown: after Stop the page shows one of the last steps, not necessarily the last
-    one this code reached, and `settle` finds which. Only the last LOOK_BACK steps are looked at,
-    so a Stop costs little however long the answer; past them, a text goes out in the Chatbot's
-    form, as it would with no `Originals` at all.
+    `texts` maps a role and the Chatbot's form of a question or answer to the text as it was typed
+    or streamed; texts the Chatbot keeps unchanged need no entry. The answer streamed last is
+    `streamed` (its whole text so far) with `ends`, its length after each step the page may have
+    shown: after Stop the page shows one of the last steps, not necessarily the last one this code
+    reached, and `settle` finds which at the start of the next turn (for a finished answer, the
+    last). Only the last LOOK_BACK steps are looked at, so that costs little however long the
+    answer; past them, a text goes out in the Chatbot's form, as it would with no `Originals`.
     """
 
     LOOK_BACK = 64
 
-    texts: dict[str, str] = field(default_factory=dict)
+    texts: dict[tuple[str, str], str] = field(default_factory=dict)
     streamed: str = ""
     ends: list[int] = field(default_factory=list)
 
-    def note(self, text: str) -> None:
+    def note(self, role: str, text: str) -> None:
         """Keep `text` for the form the Chatbot will give back, if that form differs."""
         key = as_chatbot_keeps(text)
         if key != text.strip():
-            self.texts[key] = text.strip()
+            self.texts[role, key] = text.strip()
 
     def stream(self, text: str) -> None:
-        """The streaming answer has grown to `text` (one step, about to be shown)."""
+        """The answer being streamed has grown to `text` (one step, about to be shown)."""
         self.streamed = text
         self.ends.append(len(text))
         del self.ends[: -self.LOOK_BACK]
 
-    def finish(self) -> None:
-        """The streamed answer is complete: keep it as a finished text."""
-        if self.streamed:
-            self.note(self.streamed)
-        self.streamed, self.ends = "", []
-
-    def original(self, text: str) -> str:
+    def original(self, role: str, text: str) -> str:
         """The text as it was typed or streamed, for the form the Chatbot gave back."""
-        return self.texts.get(text.strip(), text)
+        return self.texts.get((role, text.strip()), text)
 
     def begin(self, history: Sequence[Mapping[str, Any]], message: str) -> str:
         """Start a turn: settle the map on `history`; return the question to send.
 
         Retry passes the question back in the Chatbot's form; it goes as it was typed.
         """
-        message = self.original(message)
+        message = self.original("user", message)
         self.settle(history)
-        self.note(message)
+        self.note("user", message)
         return message
 
     def settle(self, history: Sequence[Mapping[str, Any]]) -> None:
-        """At the start of a turn: resolve a stopped answer, forget texts no longer in `history`.
+        """Note which step of the last answer the page shows; forget texts not in `history`.
 
         The map then holds the current conversation's texts only, whatever Clear, Undo, Retry or
-        Stop did to it.
+        Stop did to it since the last turn.
         """
-        shown = {_text_of(item.get("content")).strip() for item in history}
+        shown = {(str(m.get("role")), _text_of(m.get("content")).strip()) for m in history}
         for end in reversed(self.ends):
-            if as_chatbot_keeps(self.streamed[:end]) in shown:
-                self.note(self.streamed[:end])
+            if ("assistant", as_chatbot_keeps(self.streamed[:end])) in shown:
+                self.note("assistant", self.streamed[:end])
                 break
         self.streamed, self.ends = "", []
         self.texts = {key: text for key, text in self.texts.items() if key in shown}
@@ -258,7 +252,7 @@ def build_messages(
     for item in history:
         role, text = item.get("role"), _text_of(item.get("content")).strip()
         if role in ("user", "assistant") and text and not (item.get("metadata") or {}).get("title"):
-            content = originals.original(text) if originals else text
+            content = originals.original(str(role), text) if originals else text
             messages.append({"role": str(role), "content": content})
     messages.append({"role": "user", "content": message})
     return messages
@@ -417,7 +411,6 @@ def build_page(settings: Settings, client: openai.OpenAI) -> gr.Blocks:
                 text += delta
                 originals.stream(text)  # before the yield: Stop ends it there
                 yield text, originals
-            originals.finish()
         except BackendError as err:
             raise gr.Error(
                 str(err), duration=None, title="Model server", print_exception=False
