@@ -150,13 +150,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    chat = [int(n) for n in args.chat.split(",") if n.strip().isdigit()]
+    try:
+        chat = [int(n) for n in args.chat.split(",")]
+    except ValueError:
+        chat = []
     if chat == [0]:
         args.chat_shape = None
-    elif len(chat) == 4 and all(chat):
+    elif len(chat) == 4 and min(chat) > 0 and chat[3] > 1:
         args.chat_shape = client.ChatShape(*chat)
     else:
-        ap.error(f"--chat {args.chat}: expected 0 or four positive numbers, e.g. 8,256,64,32")
+        ap.error(
+            f"--chat {args.chat}: expected 0, or four positive numbers (the answer at least 2"
+            " tokens, for a decode rate), e.g. 8,256,64,32"
+        )
     args.runs_of = dict.fromkeys(args.configs, args.runs)
     for item in args.runs_for:
         name, _, n = item.partition("=")
@@ -325,11 +331,12 @@ def estimate_seconds(
     for c in args.concurrency:
         run += c * args.short_prompt_tokens * prefill_token
         run += args.stream_tokens * max(step, c * prefill_token)
-    if chat := args.chat_shape:  # with reuse each turn computes its new tokens; without, all
-        turns = range(1, chat.turns + 1)
+    if chat := args.chat_shape:
         run += 2 * chat.turns * chat.answer_tokens * step
-        run += sum(chat.question_tokens + chat.answer_tokens for _ in turns) * prefill_token
-        run += sum(chat.prompt_tokens(n) for n in turns) * prefill_token
+        # with reuse the turns compute the conversation once (vLLM: a block more per turn at most);
+        # without, each turn its whole prompt
+        run += chat.prompt_tokens(chat.turns) * prefill_token
+        run += sum(chat.prompt_tokens(n) for n in range(1, chat.turns + 1)) * prefill_token
     return start, run + 5
 
 
@@ -487,8 +494,7 @@ def chat_summary(records: list[dict[str, Any]], session: dict[str, Any]) -> list
     if not shape or not rows:
         return []
     last = shape["turns"]
-    prompt = shape["system_tokens"] + last * shape["question_tokens"]
-    prompt += (last - 1) * shape["answer_tokens"]
+    prompt = client.ChatShape(**shape).prompt_tokens(last)
     lines = [
         "",
         f"Multi-turn chat: {last} turns, a {shape['system_tokens']}-token system prompt,"
@@ -497,8 +503,8 @@ def chat_summary(records: list[dict[str, Any]], session: dict[str, Any]) -> list
         f" {prompt} tokens). With prefix caching: the server may reuse the earlier turns"
         " (vLLM's prefix cache, llama-server's cache_prompt); without: every turn computes its"
         " whole prompt (vLLM: a cache salt per request; llama-server: cache_prompt false). Tokens"
-        " from cache: as the server counts them (vLLM's /metrics, in whole KV blocks;"
-        " llama-server's cache_n).",
+        " from cache: as the server counts them (vLLM's /metrics, in whole KV blocks of 128"
+        " tokens on CPU; llama-server's cache_n, to the token).",
         "",
         "| configuration | TTFT last turn, cached (s) | TTFT last turn, uncached (s)"
         " | conversation, cached (s) | conversation, uncached (s) | speed-up"
@@ -518,9 +524,10 @@ def chat_summary(records: list[dict[str, Any]], session: dict[str, Any]) -> list
             fmt(on),
             fmt(off),
             f"{statistics.median(off) / statistics.median(on):.2f}x",
-            fmt([c["reuse"]["cached_prompt_tokens"] for c in rs], 0)
-            + " / "
-            + fmt([c["no_reuse"]["cached_prompt_tokens"] for c in rs], 0),
+            " / ".join(
+                fmt([n for c in rs if (n := c[k]["cached_prompt_tokens"]) is not None], 0)
+                for k in ("reuse", "no_reuse")
+            ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -113,15 +113,17 @@ class Client:
         llama-server, whose responses say it per request (Stream.cached_tokens)."""
         if self.kind != "vllm":
             return None
-        response = await self.http.get(self.base_url + "/metrics")
-        response.raise_for_status()
-        return round(
-            sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in response.text.splitlines()
-                if line.startswith("vllm:prefix_cache_hits_total")
-            )
-        )
+        try:
+            response = await self.http.get(self.base_url + "/metrics")
+            response.raise_for_status()
+        except httpx2.HTTPError as err:
+            raise RuntimeError(f"reading {self.base_url}/metrics failed: {err!r}") from err
+        counts = [
+            float(line.rsplit(" ", 1)[1])
+            for line in response.text.splitlines()
+            if line.startswith("vllm:prefix_cache_hits_total")
+        ]
+        return round(sum(counts)) if counts else None  # None: vLLM does not count (no stats)
 
     async def close(self) -> None:
         """Close the connections."""
@@ -235,9 +237,10 @@ async def chat(client: Client, prompts: Prompts, shape: ChatShape, reuse: bool) 
         )
         context += prompts.make(shape.answer_tokens)
     hits_after = await client.prefix_cache_hits()
+    cached: int | None = None  # None: the server did not say
     if hits_before is not None and hits_after is not None:
         cached = hits_after - hits_before
-    else:
+    elif all(t.cached_tokens is not None for t in turns):
         cached = sum(t.cached_tokens or 0 for t in turns)
     return {
         # prompt tokens the server took from its cache over the conversation, as it reports them
