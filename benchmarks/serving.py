@@ -453,6 +453,7 @@ async def measure_server(
                     args.concurrency,
                     args.short_prompt_tokens,
                     args.chat_shape,
+                    uncached_first=run % 2 == 0,
                 ),
                 timeout=args.run_timeout,
             )

@@ -261,6 +261,7 @@ async def measure(
     concurrency: list[int],
     short_prompt: int,
     chat_shape: ChatShape | None = None,
+    uncached_first: bool = False,
 ) -> dict[str, Any]:
     """One run: single-stream decode, TTFT of a long prompt, throughput vs concurrent streams, and
     the multi-turn chat with and without reuse of earlier requests (prefix caching)."""
@@ -301,9 +302,10 @@ async def measure(
         }
 
     if chat_shape and chat_shape.turns:
-        result["chat"] = {
-            "shape": vars(chat_shape),
-            "reuse": await chat(client, prompts, chat_shape, reuse=True),
-            "no_reuse": await chat(client, prompts, chat_shape, reuse=False),
-        }
+        # the two conversations in turn order, reversed every other run (`uncached_first`), so that
+        # a drift within a run does not fall on one side only
+        result["chat"] = {"shape": vars(chat_shape), "uncached_first": uncached_first}
+        for reuse in (False, True) if uncached_first else (True, False):
+            key = "reuse" if reuse else "no_reuse"
+            result["chat"][key] = await chat(client, prompts, chat_shape, reuse=reuse)
     return result
