@@ -100,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--decode-tokens", type=int, default=64, help="single-stream output tokens")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for TTFT")
     ap.add_argument("--stream-tokens", type=int, default=32, help="output tokens per stream")
-    ap.add_argument("--concurrency", default="1,4,16", help="concurrent streams to measure")
+    ap.add_argument("--concurrency", default="1,4,16,32", help="concurrent streams to measure")
     ap.add_argument(
         "--short-prompt-tokens", type=int, default=8, help="prompt of the decode/stream requests"
     )
@@ -151,18 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown configuration(s): {', '.join(sorted(unknown))}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     try:
-        chat = [int(n) for n in args.chat.split(",")]
-    except ValueError:
-        chat = []
-    if chat == [0]:
-        args.chat_shape = None
-    elif len(chat) == 4 and min(chat) > 0 and chat[3] > 1:
-        args.chat_shape = client.ChatShape(*chat)
-    else:
-        ap.error(
-            f"--chat {args.chat}: expected 0, or four positive numbers (the answer at least 2"
-            " tokens, for a decode rate), e.g. 8,256,64,32"
-        )
+        args.chat_shape = client.ChatShape.parse(args.chat)
+    except ValueError as err:
+        ap.error(str(err))
     args.runs_of = dict.fromkeys(args.configs, args.runs)
     for item in args.runs_for:
         name, _, n = item.partition("=")

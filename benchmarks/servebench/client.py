@@ -210,6 +210,22 @@ class ChatShape:
     question_tokens: int
     answer_tokens: int
 
+    @classmethod
+    def parse(cls, text: str) -> ChatShape | None:
+        """`--chat TURNS,SYSTEM,QUESTION,ANSWER`; "0": no chat (None). ValueError if malformed."""
+        try:
+            numbers = [int(n) for n in text.split(",")]
+        except ValueError:
+            numbers = []
+        if numbers == [0]:
+            return None
+        if len(numbers) != 4 or min(numbers) < 1 or numbers[3] < 2:
+            raise ValueError(
+                f"--chat {text}: expected 0, or four positive numbers (the answer at least 2"
+                " tokens, for a decode rate), e.g. 8,256,64,32"
+            )
+        return cls(*numbers)
+
     def prompt_tokens(self, turn: int) -> int:
         """The prompt of turn `turn` (1-based): everything said before it, and its question."""
         return self.system_tokens + turn * self.question_tokens + (turn - 1) * self.answer_tokens
