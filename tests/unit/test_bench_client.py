@@ -125,7 +125,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"data: [DONE]\n\n")
 
 
-@pytest.fixture(params=["vllm", "llama"])
+@pytest.fixture(params=["vllm", "llamacpp"])
 def server(request: pytest.FixtureRequest) -> Iterator[StandIn]:
     srv = StandIn(request.param)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -169,7 +169,7 @@ def test_with_reuse_the_server_reports_the_conversation_as_cached(server: StandI
 
 
 def test_without_reuse_the_server_reuses_nothing(server: StandIn) -> None:
-    _chat(server, reuse=True)  # a warm cache holding this and other conversations
+    _chat(server, reuse=True)  # the same conversation (same seed) first: every prompt is cached
     warm = server.hits
     result = _chat(server, reuse=False)
     assert result["cached_prompt_tokens"] == 0
