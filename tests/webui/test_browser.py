@@ -257,6 +257,62 @@ def test_two_turns_stream_in_and_the_second_request_carries_the_first(
     assert "Traceback" not in webui.log.read_text()
 
 
+def test_stop_and_retry_send_the_conversation_as_it_was(
+    page: sync_api.Page, webui_python: str, backend: Backend, recorder: Recorder, tmp_path: Path
+) -> None:
+    """Stop mid-answer, ask again with an indented question, then Retry: Gradio hands the page the
+    stopped answer as it shows it and the retried question dedented; the page sends both as they
+    were (the stopped answer as far as it was streamed and shown, the question as typed)."""
+    again = "What is my name?\n    One word, please."
+    with _start(
+        webui_python,
+        tmp_path,
+        api_base=recorder.url_for(backend.api_base),
+        api_key=backend.api_key,
+        model="",
+        max_tokens="1000",  # time enough to press Stop while the answer streams
+    ) as webui:
+        page.goto(webui.url)
+        box = _chat_box(page)
+        page.evaluate(WATCH_ANSWER, 1)
+        box.fill(FIRST)
+        box.press("Enter")
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while len(set(page.evaluate("window.answerLengths")) - {0}) < 3:
+            assert time.monotonic() < deadline, "the first answer did not start streaming in time"
+            page.wait_for_timeout(50)
+        # Clicked in the page: the button is drawn anew with every streamed step, too often for
+        # Playwright's wait for a stable element.
+        page.evaluate("document.querySelector('[data-testid=\"stop-button\"]').click()")
+        while not box.is_editable():
+            assert time.monotonic() < deadline, "the page did not stop"
+            page.wait_for_timeout(100)
+        shown = page.locator('[data-testid="bot"]').nth(0).inner_text()
+
+        _send(page, again, turn=2)
+        page.get_by_role("button", name="Retry").last.click()
+        while len(recorder.chats()) < 3 or not box.is_editable():
+            assert time.monotonic() < deadline, "no complete answer to the retried question"
+            page.wait_for_timeout(100)
+
+        first, second, retried = recorder.chats()
+        stopped = second.request["messages"][-2]
+        assert second.request["messages"] == [
+            *first.request["messages"],
+            {"role": "assistant", "content": stopped["content"]},
+            {"role": "user", "content": again},
+        ]
+        # The stopped answer: a beginning of what the server streamed, cut short, and what the page
+        # showed (rendered as Markdown, which may drop markup).
+        streamed = first.streamed_text().strip()
+        assert stopped["content"] and streamed.startswith(stopped["content"])
+        assert len(stopped["content"]) < len(streamed), "Stop came after the whole answer"
+        assert _is_subsequence(_letters(shown), _letters(stopped["content"]))
+        # Retry sends the same conversation again, the question as typed.
+        assert retried.request["messages"] == second.request["messages"]
+        assert "Traceback" not in webui.log.read_text()
+
+
 def test_a_server_that_is_down_shows_a_clear_message(
     page: sync_api.Page, webui_python: str, closed_port: int, tmp_path: Path
 ) -> None:
