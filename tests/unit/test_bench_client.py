@@ -89,6 +89,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             text += (
                 f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {self.server.hits}.0\n'
             )
+            # prometheus_client's companion sample of every counter
+            text += 'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9\n'
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()
@@ -99,7 +101,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.server.bodies.append(body)
         cached = self.server.reuse(body)
         prompt_n, asked = len(body["prompt"]), body["max_tokens"]
-        made = asked - self.server.short_by
+        # a model ends its answer early (end of sequence) unless told to ignore it
+        made = (asked if body.get("ignore_eos") else asked // 2) - self.server.short_by
+        options = body.get("stream_options") or {}
+        vllm = self.server.kind == "vllm"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -109,19 +114,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return {"prompt_tokens": prompt_n, "completion_tokens": n, "total_tokens": prompt_n + n}
 
         for n in range(1, made + 1):
+            last = n == made
+            finish = "length" if last and not vllm else None
             chunk: dict[str, Any] = base | {
-                "choices": [{"index": 0, "text": "x", "finish_reason": None, "logprobs": None}]
+                "choices": [{"index": 0, "text": "x", "finish_reason": finish, "logprobs": None}]
             }
-            if self.server.kind == "vllm":
+            if vllm and options.get("continuous_usage_stats"):
                 chunk["usage"] = usage(n)
-            else:
+            if not vllm and body.get("timings_per_token"):
                 chunk["timings"] = {"predicted_n": n} | (
                     {"cache_n": cached} if self.server.count_hits else {}
                 )
+            if not vllm and last and options.get("include_usage"):
+                chunk["usage"] = usage(made)  # llama-server: on its last chunk, with the text
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        self.wfile.write(
-            f"data: {json.dumps(base | {'choices': [], 'usage': usage(made)})}\n\n".encode()
-        )
+        if vllm and options.get("include_usage"):  # vLLM: a chunk of its own, without choices
+            final = base | {"choices": [], "usage": usage(made)}
+            self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
         self.wfile.write(b"data: [DONE]\n\n")
 
 
