@@ -1,9 +1,12 @@
 """The serving benchmark's client (benchmarks/servebench/client.py) and bandwidth limit (limits.py).
 
 The multi-turn chat runs against a stand-in server on loopback that speaks the two streaming
-completion dialects the benchmark measures: vLLM's (`continuous_usage_stats`, `cache_salt`, the
-prefix-cache counter on /metrics, counted in whole 128-token blocks) and llama-server's (`timings`
-with `predicted_n` and `cache_n` per chunk, `cache_prompt`). Its prefix cache keeps what those
+completion dialects the benchmark measures: vLLM's (usage per chunk with `continuous_usage_stats`,
+a usage chunk without choices, `cache_salt`, the prefix-cache counter on /metrics, counted in whole
+128-token blocks) and llama-server's (`timings` with `predicted_n` and `cache_n` per chunk with
+`timings_per_token` and on the last one, a closing chunk without text carrying usage and timings,
+`cache_prompt`; as its server-task.cpp writes them). Neither ignores end-of-sequence unless asked
+(`ignore_eos`): the stand-in then ends the answer early. Its prefix cache keeps what those
 servers document: vLLM matches a prompt only against earlier prompts of the same salt, llama-server
 reuses its slot's last prompt unless the request says `cache_prompt: false`. So "without reuse,
 nothing is reused" is checked as the server would see it, not by reading the benchmark's request
@@ -113,24 +116,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         def usage(n: int) -> dict[str, int]:
             return {"prompt_tokens": prompt_n, "completion_tokens": n, "total_tokens": prompt_n + n}
 
+        def send(chunk: dict[str, Any]) -> None:
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            return {
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]
+            }
+
+        timings = {"cache_n": cached} if self.server.count_hits else {}
         for n in range(1, made + 1):
             last = n == made
-            finish = "length" if last and not vllm else None
-            chunk: dict[str, Any] = base | {
-                "choices": [{"index": 0, "text": "x", "finish_reason": finish, "logprobs": None}]
-            }
-            if vllm and options.get("continuous_usage_stats"):
+            chunk = base | choice("x", "length" if last and vllm else None)
+            if vllm and options.get("include_usage") and options.get("continuous_usage_stats"):
                 chunk["usage"] = usage(n)
-            if not vllm and body.get("timings_per_token"):
-                chunk["timings"] = {"predicted_n": n} | (
-                    {"cache_n": cached} if self.server.count_hits else {}
-                )
-            if not vllm and last and options.get("include_usage"):
-                chunk["usage"] = usage(made)  # llama-server: on its last chunk, with the text
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            # llama-server: timings per chunk when asked, and always on the last one
+            if not vllm and (body.get("timings_per_token") or last):
+                chunk["timings"] = {"predicted_n": n} | timings
+            send(chunk)
         if vllm and options.get("include_usage"):  # vLLM: a chunk of its own, without choices
-            final = base | {"choices": [], "usage": usage(made)}
-            self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
+            send(base | {"choices": [], "usage": usage(made)})
+        if not vllm:  # llama-server: a closing chunk without text, with usage and timings
+            send(
+                base
+                | choice("", "length")
+                | {"usage": usage(made), "timings": {"predicted_n": made} | timings}
+            )
         self.wfile.write(b"data: [DONE]\n\n")
 
 
