@@ -63,8 +63,8 @@ molecule: venv host-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tests/molecule.sh $(SCENARIO)
 
 # Benchmarks (issue #7; benchmarks/README.md). Not part of `make test`: they need a quiet machine,
-# build llama.cpp and a vLLM venv the first time (cached in .cache/bench); `make bench` 25 minutes to
-# hours, by host (benchmarks/README.md, Duration).
+# build llama.cpp and a vLLM venv the first time (cached in .cache/bench); `make bench` ~35 minutes
+# to hours, by host (benchmarks/README.md, Duration).
 # Extra options for benchmarks/serving.py: make bench BENCH_ARGS="--runs 5".
 BENCH_VENV ?= .cache/bench/tools-venv
 BENCH_ARGS ?=
