@@ -16,6 +16,7 @@ Environment:
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import socket
@@ -169,6 +170,14 @@ WATCH_ANSWER = """turn => {
 }"""
 
 
+# Presses the stop button if it is there (it is while an answer streams); says whether it was.
+PRESS_STOP = """() => {
+  const stop = document.querySelector('[data-testid="stop-button"]');
+  stop?.click();
+  return Boolean(stop);
+}"""
+
+
 def _send(page: sync_api.Page, text: str, turn: int) -> tuple[str, list[int]]:
     """Send a message as turn `turn` and wait for the complete answer.
 
@@ -260,9 +269,12 @@ def test_two_turns_stream_in_and_the_second_request_carries_the_first(
 def test_stop_and_retry_send_the_conversation_as_it_was(
     page: sync_api.Page, webui_python: str, backend: Backend, recorder: Recorder, tmp_path: Path
 ) -> None:
-    """Stop mid-answer, ask again with an indented question, then Retry: Gradio hands the page the
-    stopped answer as it shows it and the retried question dedented; the page sends both as they
-    were (the stopped answer as far as it was streamed and shown, the question as typed)."""
+    """Stop mid-answer, ask again with an indented question, then Retry. Gradio hands the page the
+    stopped answer and the retried question dedented; the page sends both as they were.
+
+    The recorder steers the first answer (`Recorder.steer_next_answer`): it begins "Sure:" and every
+    later line is indented, the form Gradio's Chatbot gives back changed, and the server ignores
+    end-of-sequence, so the answer is still streaming when Stop is pressed."""
     again = "What is my name?\n    One word, please."
     with _start(
         webui_python,
@@ -270,10 +282,11 @@ def test_stop_and_retry_send_the_conversation_as_it_was(
         api_base=recorder.url_for(backend.api_base),
         api_key=backend.api_key,
         model="",
-        max_tokens="1000",  # time enough to press Stop while the answer streams
+        max_tokens="200",  # the later answers; the recorder makes the first one long
     ) as webui:
         page.goto(webui.url)
         box = _chat_box(page)
+        recorder.steer_next_answer()
         page.evaluate(WATCH_ANSWER, 1)
         box.fill(FIRST)
         box.press("Enter")
@@ -283,7 +296,8 @@ def test_stop_and_retry_send_the_conversation_as_it_was(
             page.wait_for_timeout(50)
         # Clicked in the page: the button is drawn anew with every streamed step, too often for
         # Playwright's wait for a stable element.
-        page.evaluate("document.querySelector('[data-testid=\"stop-button\"]').click()")
+        assert page.evaluate(PRESS_STOP), "the first answer ended before Stop was pressed"
+        deadline = time.monotonic() + REPLY_TIMEOUT
         while not box.is_editable():
             assert time.monotonic() < deadline, "the page did not stop"
             page.wait_for_timeout(100)
@@ -291,23 +305,26 @@ def test_stop_and_retry_send_the_conversation_as_it_was(
 
         _send(page, again, turn=2)
         page.get_by_role("button", name="Retry").last.click()
+        deadline = time.monotonic() + REPLY_TIMEOUT
         while len(recorder.chats()) < 3 or not box.is_editable():
             assert time.monotonic() < deadline, "no complete answer to the retried question"
             page.wait_for_timeout(100)
 
         first, second, retried = recorder.chats()
-        stopped = second.request["messages"][-2]
+        stopped = second.request["messages"][-2]["content"]
         assert second.request["messages"] == [
             *first.request["messages"],
-            {"role": "assistant", "content": stopped["content"]},
+            {"role": "assistant", "content": stopped},
             {"role": "user", "content": again},
         ]
-        # The stopped answer: a beginning of what the server streamed, cut short, and what the page
-        # showed (rendered as Markdown, which may drop markup).
+        # The stopped answer as the page received it, indented, not as Gradio gives it back
+        # (cleandoc, as gradio/components/chatbot.py does); a beginning of the stream, cut short,
+        # holding what the page showed (rendered as Markdown, which may drop markup).
+        assert stopped.startswith("Sure:\n    ") and inspect.cleandoc(stopped) != stopped
         streamed = first.streamed_text().strip()
-        assert stopped["content"] and streamed.startswith(stopped["content"])
-        assert len(stopped["content"]) < len(streamed), "Stop came after the whole answer"
-        assert _is_subsequence(_letters(shown), _letters(stopped["content"]))
+        assert streamed.startswith(stopped)
+        assert len(stopped) < len(streamed), "Stop came after the whole answer"
+        assert _is_subsequence(_letters(shown), _letters(stopped))
         # Retry sends the same conversation again, the question as typed.
         assert retried.request["messages"] == second.request["messages"]
         assert "Traceback" not in webui.log.read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,11 +41,39 @@ class Exchange:
     def streamed_text(self) -> str:
         """The text of a streamed chat completion as it went over the wire (server-sent events)."""
         text = ""
-        for line in self.response.decode().splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                for choice in json.loads(line.removeprefix("data: "))["choices"]:
+        # events end with a blank line; one cut short (the client hung up) is left out
+        for event in self.response.decode(errors="replace").split("\n\n")[:-1]:
+            if event.startswith("data: ") and event != "data: [DONE]":
+                for choice in json.loads(event.removeprefix("data: "))["choices"]:
                     text += choice["delta"].get("content") or ""
         return text
+
+
+def _indented(pieces: Iterator[bytes], indent: str) -> Iterator[bytes]:
+    """A streamed chat completion (server-sent events) whose answer begins with "Sure:" and a line
+    break and has every later line indented by `indent`, as code in an answer is: the form Gradio's
+    Chatbot gives back dedented. Rewritten event by event, as the events arrive."""
+    pending, started = b"", False
+    for piece in pieces:
+        pending += piece
+        *events, pending = pending.split(b"\n\n")
+        out = b""
+        for event in events:
+            if event.startswith(b"data: {"):
+                chunk = json.loads(event.removeprefix(b"data: "))
+                for choice in chunk.get("choices", []):
+                    delta = choice.get("delta") or {}
+                    if delta.get("content") is not None:
+                        text = delta["content"].replace("\n", "\n" + indent)
+                        if not started:
+                            text, started = "Sure:\n" + indent + text, True
+                        delta["content"] = text
+                event = b"data: " + json.dumps(chunk).encode()
+            out += event + b"\n\n"
+        if out:
+            yield out
+    if pending:
+        yield pending
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -65,6 +94,14 @@ class _Handler(BaseHTTPRequestHandler):
         sent = {k.lower(): v for k, v in headers.items()}  # names are case-insensitive
         exchange = Exchange(self.path, json.loads(body) if body else {}, sent)
         self.server.exchanges.append(exchange)
+        indent = None
+        if self.path.endswith("/chat/completions") and self.server.steer is not None:
+            (indent, max_tokens), self.server.steer = self.server.steer, None
+            # the app's request as it sent it is recorded above; the server gets a longer answer
+            longer = {"ignore_eos": True, "max_tokens": max_tokens}
+            body = json.dumps(exchange.request | longer).encode()
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            headers["Content-Length"] = str(len(body))
         upstream = http.client.HTTPConnection(self.server.upstream, timeout=600)
         upstream.request(self.command, self.path, body=body or None, headers=headers)
         answer = upstream.getresponse()
@@ -74,9 +111,12 @@ class _Handler(BaseHTTPRequestHandler):
             if name.lower() not in HOP_BY_HOP:
                 self.send_header(name, value)
         self.end_headers()
+        pieces = iter(lambda: answer.read1(65536), b"")
+        if indent is not None:
+            pieces = _indented(pieces, indent)
         try:
             # Pass each piece on as soon as it arrives: a streamed answer must stay streamed.
-            while piece := answer.read1(65536):
+            for piece in pieces:
                 exchange.response += piece
                 self.wfile.write(piece)
                 self.wfile.flush()
@@ -101,7 +141,17 @@ class Recorder(ThreadingHTTPServer):
         assert parts.scheme == "http", f"the recorder passes plain http only, not {api_base}"
         self.upstream = parts.netloc
         self.exchanges: list[Exchange] = []
+        # set by `steer_next_answer`, taken by the next chat completion request
+        self.steer: tuple[str, int] | None = None
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def steer_next_answer(self, indent: str = "    ", max_tokens: int = 1500) -> None:
+        """Make the next chat completion's answer one Gradio's Chatbot changes: it begins with
+        "Sure:" and a line break and every later line is indented (`_indented`); and a long one:
+        the server is asked for `max_tokens` tokens, ignoring end-of-sequence, so that the answer
+        is still streaming when a test stops it. The request is recorded as the client sent it; the
+        answer as the client received it."""
+        self.steer = (indent, max_tokens)
 
     def url_for(self, api_base: str) -> str:
         """`api_base` with its host and port replaced by the recorder's."""
