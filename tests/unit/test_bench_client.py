@@ -21,8 +21,7 @@ import importlib.util
 import itertools
 import json
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,14 +145,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(params=["vllm", "llamacpp"])
-def server(request: pytest.FixtureRequest) -> Iterator[StandIn]:
-    srv = StandIn(request.param)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join()
+def server(request: pytest.FixtureRequest, serve: Callable[[StandIn], StandIn]) -> StandIn:
+    return serve(StandIn(request.param))
 
 
 SHAPE = client.ChatShape(turns=4, system_tokens=130, question_tokens=12, answer_tokens=5)

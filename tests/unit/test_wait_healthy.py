@@ -11,8 +11,7 @@ from __future__ import annotations
 import http.server
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,13 +33,8 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def health() -> Iterator[Server]:
-    server = Server(("127.0.0.1", 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def health(serve: Callable[[Server], Server]) -> Iterator[Server]:
+    yield serve(Server(("127.0.0.1", 0), _Health))
     _Health.status = 200
 
 
