@@ -12,8 +12,7 @@ import importlib.util
 import os
 import socket
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
@@ -56,11 +55,6 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def recorder(backend: Backend) -> Iterator[Recorder]:
+def recorder(backend: Backend, serve: Callable[[Recorder], Recorder]) -> Recorder:
     """A recording proxy in front of the real server, for one test."""
-    server = Recorder(backend.api_base)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    return serve(Recorder(backend.api_base))

@@ -41,12 +41,23 @@ class Exchange:
     def streamed_text(self) -> str:
         """The text of a streamed chat completion as it went over the wire (server-sent events)."""
         text = ""
-        # events end with a blank line; one cut short (the client hung up) is left out
-        for event in self.response.decode(errors="replace").split("\n\n")[:-1]:
-            if event.startswith("data: ") and event != "data: [DONE]":
-                for choice in json.loads(event.removeprefix("data: "))["choices"]:
-                    text += choice["delta"].get("content") or ""
+        events, _cut_short = _split_events(self.response)  # (the client hung up mid-event)
+        for chunk in filter(None, map(_chunk, events)):
+            for choice in chunk.get("choices", []):
+                text += (choice.get("delta") or {}).get("content") or ""
         return text
+
+
+def _split_events(data: bytes) -> tuple[list[bytes], bytes]:
+    """Server-sent events end with a blank line: the complete events in `data`, and the rest (an
+    event still arriving, or one cut short)."""
+    *events, rest = data.split(b"\n\n")
+    return events, rest
+
+
+def _chunk(event: bytes) -> dict[str, Any] | None:
+    """The JSON object a `data:` event carries; None for `data: [DONE]` and anything else."""
+    return json.loads(event.removeprefix(b"data: ")) if event.startswith(b"data: {") else None
 
 
 def _indented(pieces: Iterator[bytes], indent: str) -> Iterator[bytes]:
@@ -55,12 +66,11 @@ def _indented(pieces: Iterator[bytes], indent: str) -> Iterator[bytes]:
     Chatbot gives back dedented. Rewritten event by event, as the events arrive."""
     pending, started = b"", False
     for piece in pieces:
-        pending += piece
-        *events, pending = pending.split(b"\n\n")
+        events, pending = _split_events(pending + piece)
         out = b""
         for event in events:
-            if event.startswith(b"data: {"):
-                chunk = json.loads(event.removeprefix(b"data: "))
+            chunk = _chunk(event)
+            if chunk is not None:
                 for choice in chunk.get("choices", []):
                     delta = choice.get("delta") or {}
                     if delta.get("content") is not None:

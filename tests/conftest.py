@@ -1,4 +1,4 @@
-"""Shared fixtures of the unit tests."""
+"""Fixtures shared by the suites under tests/ (unit, webui)."""
 
 from __future__ import annotations
 
