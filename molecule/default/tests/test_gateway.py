@@ -449,6 +449,13 @@ def test_web_ui_is_served_under_the_root(host) -> None:
     assert page.headers["content-type"].startswith("text/html")
 
 
+def _login(host, jar: str) -> Reply:
+    """Gradio's login form, as the page posts it; its cookie goes to `jar` on `host`."""
+    fields = ("--data-urlencode", f"username={WEBUI_USER}")
+    fields += ("--data-urlencode", f"password={WEBUI_PASSWORD}")
+    return _curl(host, f"{URL}/login", key=None, extra=("--cookie-jar", jar, *fields))
+
+
 def test_web_ui_config_is_behind_the_login_and_points_at_the_gateway(host) -> None:
     # without the login, Gradio keeps its config from strangers
     config = _curl(host, f"{URL}/config", key=None)
@@ -457,19 +464,7 @@ def test_web_ui_config_is_behind_the_login_and_points_at_the_gateway(host) -> No
     # logged in (Gradio's login form, then its cookie): URLs built from X-Forwarded-Host/-Proto
     jar = "/tmp/webui-test-cookies"
     try:
-        login = _curl(
-            host,
-            f"{URL}/login",
-            key=None,
-            extra=(
-                "--cookie-jar",
-                jar,
-                "--data-urlencode",
-                f"username={WEBUI_USER}",
-                "--data-urlencode",
-                f"password={WEBUI_PASSWORD}",
-            ),
-        )
+        login = _login(host, jar)
         assert login.status == 200, login.body
         config = _curl(host, f"{URL}/config", key=None, extra=("--cookie", jar))
         assert config.status == 200, config.body[:500]
@@ -515,6 +510,74 @@ def test_gradio_api_is_closed_to_a_stranger(
     assert reply.status != 200, reply.body[:500]
     assert reply.status in (401, 403, 404), reply.body[:500]
     assert "event_id" not in reply.body
+
+
+ELSEWHERE = ("--header", "Origin: https://elsewhere.example")
+
+
+def test_another_site_cannot_use_the_page_in_a_users_name(host) -> None:
+    # Gradio would let any site's scripts call the page's queue with the user's login cookie
+    # (SameSite=None) and read the answers: a browser allows that only on CORS headers naming the
+    # site, which the gateway never passes on. A browser's preflight from another host:
+    preflight = ("--header", "Access-Control-Request-Method: POST")
+    preflight += ("--header", "Access-Control-Request-Headers: content-type")
+    for path in ("/gradio_api/queue/join", "/config", "/login"):
+        reply = _curl(
+            _outside(host),
+            URL + path,
+            key=None,
+            method="OPTIONS",
+            ca=OUTSIDE_CA,
+            extra=ELSEWHERE + preflight,
+        )
+        assert not [h for h in reply.headers if h.startswith("access-control-")], (path, reply)
+    # a logged-in user's request from that site: answered, without CORS headers
+    jar = "/tmp/webui-cors-cookies"
+    try:
+        assert _login(host, jar).status == 200
+        config = _curl(host, f"{URL}/config", key=None, extra=("--cookie", jar, *ELSEWHERE))
+        assert config.status == 200, config.body[:500]
+        assert not [h for h in config.headers if h.startswith("access-control-")], config.headers
+    finally:
+        host.run("rm -f %s", jar)
+    # and no other site may frame the page (clickjacking)
+    page = _curl(host, f"{URL}/", key=None)
+    assert page.headers["content-security-policy"] == "frame-ancestors 'self'"
+
+
+LOGINS_PER_MINUTE = 10  # vllm_gateway_login_attempts_per_minute (the role's default)
+
+
+def test_guessing_the_page_password_is_slowed_at_the_gateway(host) -> None:
+    # Wrong passwords from another host, as fast as curl sends them: Gradio answers the first
+    # (a burst of as many as a minute's rate, and one more), then the gateway answers 429.
+    outside = _outside(host)
+    attempt = (
+        "curl --silent --output /dev/null --write-out '%%{http_code} ' --max-time 20 --cacert %s"
+        " --data-urlencode username=%s --data-urlencode password=wrong-guess %s"
+    )
+    guesses = outside.check_output(
+        "for i in $(seq %s); do " + attempt + "; done",
+        str(3 * LOGINS_PER_MINUTE),
+        OUTSIDE_CA,
+        WEBUI_USER,
+        f"{URL}/login",
+    ).split()
+    assert len(guesses) == 3 * LOGINS_PER_MINUTE, guesses
+    assert "429" not in guesses[:LOGINS_PER_MINUTE], guesses
+    assert set(guesses[:LOGINS_PER_MINUTE]) <= {"400", "401"}, guesses  # wrong credentials
+    assert guesses[-LOGINS_PER_MINUTE:] == ["429"] * LOGINS_PER_MINUTE, guesses
+    # the page's own host and its users elsewhere are not held back by that address's guesses
+    jar = "/tmp/webui-limit-cookies"
+    try:
+        assert _login(host, jar).status == 200
+    finally:
+        host.run("rm -f %s", jar)
+    # the limit lifts by itself (one attempt per 60/LOGINS_PER_MINUTE s): wait until it has
+    deadline = time.monotonic() + 120
+    while outside.check_output(attempt, OUTSIDE_CA, WEBUI_USER, f"{URL}/login").strip() == "429":
+        assert time.monotonic() < deadline, "the login limit did not lift"
+        time.sleep(3)
 
 
 def test_logs_never_hold_the_api_key(host) -> None:
