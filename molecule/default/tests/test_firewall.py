@@ -105,11 +105,8 @@ def _healthy_from_the_gateway(server) -> bool:
     return _probe(GATEWAY, api(server), "GET", "/health") == (0, "200")
 
 
-@pytest.fixture
-def rebooted() -> Iterator[str]:
-    """Restart the server's container (a reboot); afterwards wait until it serves again, whatever
-    the test found, so that the next test finds a serving fleet. Yields the server's base URL."""
-    base = api(REBOOTED)
+def _reboot() -> None:
+    """Restart the server's container (a reboot)."""
     run = subprocess.run(
         ["docker", "restart", "--time", "90", SERVERS[-1]],
         capture_output=True,
@@ -118,11 +115,56 @@ def rebooted() -> Iterator[str]:
         check=False,
     )
     assert run.returncode == 0, run.stderr
-    yield base
+
+
+def _wait_until_serving() -> None:
     deadline = time.monotonic() + BOOT_TIMEOUT
     while not _healthy_from_the_gateway(REBOOTED):
         assert time.monotonic() < deadline, f"{SERVERS[-1]}: no /health {BOOT_TIMEOUT} s after boot"
         time.sleep(5)
+
+
+@pytest.fixture
+def rebooted() -> Iterator[str]:
+    """Reboot the server; afterwards wait until it serves again, whatever the test found, so that
+    the next test finds a serving fleet. Yields the server's base URL."""
+    base = api(REBOOTED)
+    _reboot()
+    yield base
+    _wait_until_serving()
+
+
+@pytest.fixture
+def rebooted_afterwards() -> Iterator[None]:
+    """After the test, reboot the server and wait until it serves again: a flushed ruleset also
+    took Docker's own table of the container (its DNS), which only a restart brings back."""
+    yield
+    _reboot()
+    _wait_until_serving()
+
+
+def test_the_hosts_own_nftables_service_leaves_the_port_closed(rebooted_afterwards: None) -> None:
+    # The distribution's nftables.service flushes the whole ruleset when it starts and reloads (the
+    # first line of Debian's and Ubuntu's /etc/nftables.conf) and when it stops (its ExecStop): an
+    # operator turning on the host's own firewall. The roles' tables must be there after each.
+    assert REBOOTED.file("/etc/nftables.conf").content_string.startswith(
+        "#!/usr/sbin/nft -f\n\nflush ruleset"
+    )
+    assert not REBOOTED.service("nftables").is_running
+    ours = sorted(
+        t for t in REBOOTED.check_output("nft list tables").splitlines() if "inet vllm" in t
+    )
+    assert "table inet vllm" in ours, ours  # and the node exporter's and the cache's
+    base = api(REBOOTED)
+    for action in ("start", "reload", "restart", "stop"):
+        REBOOTED.check_output("nft add table inet flush_probe")
+        REBOOTED.check_output("systemctl %s nftables", action)
+        tables = REBOOTED.check_output("nft list tables").splitlines()
+        assert "table inet flush_probe" not in tables, action  # the ruleset was flushed
+        assert sorted(t for t in tables if "inet vllm" in t) == ours, (action, tables)
+        for method, path in PROBES:
+            assert _probe(OUTSIDE, base, method, path)[0] == REFUSED, (action, path)
+        assert _healthy_from_the_gateway(REBOOTED), action
 
 
 def test_after_a_reboot_the_port_is_still_closed_to_others(rebooted: str) -> None:
