@@ -174,7 +174,23 @@ def ensure_vllm_venv() -> Path:
             )
 
     pip_args = ["--no-deps", *(["--extra-index-url", index] if index else [])]
-    return locked_venv("vllm-venv", base, lock, pip_args, check) / "bin" / "python"
+    python = locked_venv("vllm-venv", base, lock, pip_args, check) / "bin" / "python"
+    # and, as the role does (roles/vllm_install/tasks/amx.yml), the line that asks for AMX
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "vllm_fleet_amx.pth").write_text(amx_pth_line())
+    return python
+
+
+def amx_pth_line() -> str:
+    """The .pth line roles/vllm_install/tasks/amx.yml writes into an environment's purelib."""
+    tasks = yaml.safe_load((REPO / "roles" / "vllm_install" / "tasks" / "amx.yml").read_text())
+    [line] = [t["ansible.builtin.copy"]["content"] for t in tasks if "ansible.builtin.copy" in t]
+    return line
 
 
 ROUTER_LOCK = REPO / "benchmarks" / "requirements-router.txt"

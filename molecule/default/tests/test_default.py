@@ -266,7 +266,7 @@ def test_tcmalloc_and_intel_openmp_are_preloaded(host) -> None:
         ("ProtectControlGroups", "yes"),
         ("RestrictSUIDSGID", "yes"),
         ("CapabilityBoundingSet", ""),
-        ("Restart", "on-failure"),
+        ("Restart", "always"),
         # deliberately off: oneDNN's JIT writes executable code
         ("MemoryDenyWriteExecute", "no"),
     ],
