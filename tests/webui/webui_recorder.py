@@ -43,8 +43,8 @@ class Exchange:
         text = ""
         events, _cut_short = _split_events(self.response)  # (the client hung up mid-event)
         for chunk in filter(None, map(_chunk, events)):
-            for choice in chunk.get("choices", []):
-                text += (choice.get("delta") or {}).get("content") or ""
+            for choice in chunk["choices"]:  # (an error event has none: it raises here)
+                text += choice["delta"].get("content") or ""
         return text
 
 
@@ -56,8 +56,10 @@ def _split_events(data: bytes) -> tuple[list[bytes], bytes]:
 
 
 def _chunk(event: bytes) -> dict[str, Any] | None:
-    """The JSON object a `data:` event carries; None for `data: [DONE]` and anything else."""
-    return json.loads(event.removeprefix(b"data: ")) if event.startswith(b"data: {") else None
+    """The JSON a `data:` event carries; None for `data: [DONE]` and for events without data."""
+    if not event.startswith(b"data: ") or event == b"data: [DONE]":
+        return None
+    return json.loads(event.removeprefix(b"data: "))
 
 
 def _indented(pieces: Iterator[bytes], indent: str) -> Iterator[bytes]:

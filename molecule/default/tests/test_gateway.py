@@ -516,12 +516,26 @@ ELSEWHERE = ("--header", "Origin: https://elsewhere.example")
 
 
 def test_another_site_cannot_use_the_page_in_a_users_name(host) -> None:
-    # Gradio would let any site's scripts call the page's queue with the user's login cookie
-    # (SameSite=None) and read the answers: a browser allows that only on CORS headers naming the
-    # site, which the gateway never passes on. A browser's preflight from another host:
+    # Gradio would let any site's scripts run the chat with the user's login cookie (SameSite=None)
+    # and read the answers (CORS headers naming any site). The browser sends the cookie on another
+    # site's requests only if it is SameSite=None:
+    login = host.run(
+        "curl --silent --show-error --output /dev/null --dump-header - --cacert %s"
+        " --data-urlencode %s --data-urlencode %s %s",
+        CA,
+        f"username={WEBUI_USER}",
+        f"password={WEBUI_PASSWORD}",
+        f"{URL}/login",
+    )
+    cookies = [h for h in login.stdout.lower().splitlines() if h.startswith("set-cookie:")]
+    assert cookies, login.stdout
+    for cookie in cookies:
+        assert "samesite=lax" in cookie and "samesite=none" not in cookie, cookie
+    # and it lets another site's scripts read an answer only on CORS headers naming that site,
+    # which the gateway never passes on. A browser's preflight from another host:
     preflight = ("--header", "Access-Control-Request-Method: POST")
     preflight += ("--header", "Access-Control-Request-Headers: content-type")
-    for path in ("/gradio_api/queue/join", "/config", "/login"):
+    for path in ("/gradio_api/queue/join", "/config"):
         reply = _curl(
             _outside(host),
             URL + path,
@@ -530,6 +544,7 @@ def test_another_site_cannot_use_the_page_in_a_users_name(host) -> None:
             ca=OUTSIDE_CA,
             extra=ELSEWHERE + preflight,
         )
+        assert reply.status == 200, (path, reply)  # Gradio's answer, without its CORS headers
         assert not [h for h in reply.headers if h.startswith("access-control-")], (path, reply)
     # a logged-in user's request from that site: answered, without CORS headers
     jar = "/tmp/webui-cors-cookies"
@@ -549,13 +564,15 @@ LOGINS_PER_MINUTE = 10  # vllm_gateway_login_attempts_per_minute (the role's def
 
 
 def test_guessing_the_page_password_is_slowed_at_the_gateway(host) -> None:
-    # Wrong passwords from another host, as fast as curl sends them: Gradio answers the first
-    # (a burst of as many as a minute's rate, and one more), then the gateway answers 429.
+    # Wrong passwords from another host (which no other test logs in from), as fast as curl sends
+    # them: Gradio answers the first LOGINS_PER_MINUTE + 1, then the gateway one every
+    # 60 / LOGINS_PER_MINUTE s, and 429 to the others.
     outside = _outside(host)
     attempt = (
         "curl --silent --output /dev/null --write-out '%%{http_code} ' --max-time 20 --cacert %s"
         " --data-urlencode username=%s --data-urlencode password=wrong-guess %s"
     )
+    start = time.monotonic()
     guesses = outside.check_output(
         "for i in $(seq %s); do " + attempt + "; done",
         str(3 * LOGINS_PER_MINUTE),
@@ -563,21 +580,24 @@ def test_guessing_the_page_password_is_slowed_at_the_gateway(host) -> None:
         WEBUI_USER,
         f"{URL}/login",
     ).split()
+    elapsed = time.monotonic() - start
     assert len(guesses) == 3 * LOGINS_PER_MINUTE, guesses
-    assert "429" not in guesses[:LOGINS_PER_MINUTE], guesses
     assert set(guesses[:LOGINS_PER_MINUTE]) <= {"400", "401"}, guesses  # wrong credentials
-    assert guesses[-LOGINS_PER_MINUTE:] == ["429"] * LOGINS_PER_MINUTE, guesses
+    answered = [g for g in guesses if g != "429"]
+    assert set(answered) <= {"400", "401"}, guesses
+    assert len(answered) <= LOGINS_PER_MINUTE + 2 + elapsed * LOGINS_PER_MINUTE / 60, (
+        elapsed,
+        guesses,
+    )
+    assert "429" in guesses, guesses
     # the page's own host and its users elsewhere are not held back by that address's guesses
     jar = "/tmp/webui-limit-cookies"
     try:
         assert _login(host, jar).status == 200
     finally:
         host.run("rm -f %s", jar)
-    # the limit lifts by itself (one attempt per 60/LOGINS_PER_MINUTE s): wait until it has
-    deadline = time.monotonic() + 120
-    while outside.check_output(attempt, OUTSIDE_CA, WEBUI_USER, f"{URL}/login").strip() == "429":
-        assert time.monotonic() < deadline, "the login limit did not lift"
-        time.sleep(3)
+    # the limit lifts by itself: wait until that address has its whole budget again
+    time.sleep(60 + 1)
 
 
 def test_logs_never_hold_the_api_key(host) -> None:
