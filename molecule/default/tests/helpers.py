@@ -1,6 +1,6 @@
-"""Helpers shared by the default scenario's tests: where a server listens, its API key, a server's
-state seen from outside, a server's CPU flags hidden, and a project playbook run against the
-scenario's hosts."""
+"""Helpers shared by the default scenario's tests: where a server listens, whether it serves, a wait
+for a condition, its API key, a server's state seen from outside, a server's CPU flags hidden, and a
+project playbook run against the scenario's hosts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
 
 # the gate's message when the server's process ended during its start, as the rescue renders it
 ENDED = re.compile(
@@ -24,6 +28,27 @@ def api(host) -> str:
     unit = host.file("/etc/systemd/system/vllm.service").content_string
     address = re.search(r'--host "([^"]+)"', unit).group(1)
     return f"http://{'127.0.0.1' if address == '0.0.0.0' else address}:8000"
+
+
+def serving(host) -> bool:
+    """The server answers /health, asked on the server itself at the address its unit listens on."""
+    return host.run("curl --silent --fail --max-time 5 %s/health", api(host)).rc == 0
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    check: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 5
+) -> T:
+    """Call `check` every `interval` s until it returns a true value, and return that value; after
+    `timeout` s, fail the test with `what`: what was waited for (or a function that says it)."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f} s: {what() if callable(what) else what}")
+        time.sleep(interval)
+    return value
 
 
 def api_key(host) -> str:

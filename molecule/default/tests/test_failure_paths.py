@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import ENDED, api, api_key, cpuinfo_without, run_playbook, server_state
+from helpers import (
+    ENDED,
+    api,
+    api_key,
+    cpuinfo_without,
+    run_playbook,
+    server_state,
+    serving,
+    wait_until,
+)
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -82,7 +91,7 @@ def fleet_restored() -> Iterator[None]:
     assert rc == 0, out[-3000:]
     after = [server_state(h)[2] for h in hosts]
     assert all(old != new for old, new in zip(before, after, strict=True)), (before, after)
-    assert all(h.run("curl --silent --fail %s/health", api(h)).rc == 0 for h in hosts)
+    assert all(serving(h) for h in hosts)
 
 
 def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
@@ -108,7 +117,7 @@ def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
     # the rollout stopped there: the second batch was never touched and still serves
     assert host.file(UNIT).sha256sum == before
     assert host.service("vllm").is_running
-    assert host.run("curl --silent --fail %s/health", api(host)).rc == 0
+    assert serving(host)
 
 
 def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None:
@@ -242,24 +251,18 @@ def _main_pid(host) -> int:
 
 def _back_after(host, pid: int, what: str) -> None:
     """Wait until systemd has started a new server process (not `pid`) that answers /health."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        new = _main_pid(host)
-        if new not in (0, pid) and host.run("curl --silent --fail %s/health", api(host)).rc == 0:
-            return
-        time.sleep(5)
-    raise AssertionError(f"vllm did not come back after {what}")
+    wait_until(
+        lambda: _main_pid(host) not in (0, pid) and serving(host), 600, f"vllm back after {what}"
+    )
 
 
 def _serving(host) -> None:
     """Wait until the server runs and answers /health (no restart of an earlier test pending)."""
-    deadline = time.monotonic() + 600
-    while not (
-        host.run("systemctl is-active --quiet vllm").rc == 0
-        and host.run("curl --silent --fail %s/health", api(host)).rc == 0
-    ):
-        assert time.monotonic() < deadline, "vllm is not serving"
-        time.sleep(5)
+    wait_until(
+        lambda: host.run("systemctl is-active --quiet vllm").rc == 0 and serving(host),
+        600,
+        "vllm serving",
+    )
 
 
 def test_server_is_restarted_after_kill_9(host) -> None:

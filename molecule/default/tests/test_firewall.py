@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, api_key
+from helpers import api, api_key, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -118,10 +118,9 @@ def _reboot() -> None:
 
 
 def _wait_until_serving() -> None:
-    deadline = time.monotonic() + BOOT_TIMEOUT
-    while not _healthy_from_the_gateway(REBOOTED):
-        assert time.monotonic() < deadline, f"{SERVERS[-1]}: no /health {BOOT_TIMEOUT} s after boot"
-        time.sleep(5)
+    wait_until(
+        lambda: _healthy_from_the_gateway(REBOOTED), BOOT_TIMEOUT, f"{SERVERS[-1]}: /health at boot"
+    )
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key
+from helpers import api_key, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -428,14 +428,14 @@ def test_stopping_one_server_leaves_the_gateway_answering(host) -> None:
         }
     finally:
         assert server.run("systemctl start vllm").rc == 0
-        deadline = time.monotonic() + RESTART_TIMEOUT
-        while time.monotonic() < deadline:
-            probe = host.run("curl --silent --fail --max-time 5 http://%s/health", stopped_address)
-            if probe.rc == 0:
-                break
-            time.sleep(5)
-        else:
-            pytest.fail(f"{stopped_name}: no /health {RESTART_TIMEOUT} s after its restart")
+        wait_until(
+            lambda: (
+                host.run("curl --silent --fail --max-time 5 http://%s/health", stopped_address).rc
+                == 0
+            ),
+            RESTART_TIMEOUT,
+            f"{stopped_name}: /health after its restart",
+        )
 
 
 def test_both_servers_answer_again_after_the_restart(host) -> None:

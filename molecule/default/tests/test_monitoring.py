@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api
+from helpers import api, serving, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -25,7 +23,6 @@ SERVERS = RUNNER.get_hosts("vllm_servers")
 OUTSIDE = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
 PROMETHEUS = "http://127.0.0.1:9090"
 ALERT_TIMEOUT = 180
-T = TypeVar("T")
 
 
 def _query(host, promql: str) -> list[dict]:
@@ -33,15 +30,6 @@ def _query(host, promql: str) -> list[dict]:
         "curl --silent --fail --max-time 10 %s", f"{PROMETHEUS}/api/v1/query?query={quote(promql)}"
     )
     return json.loads(out)["data"]["result"]
-
-
-def _eventually(probe: Callable[[], T], timeout: float = 120) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(3)
 
 
 def test_prometheus_runs_on_loopback_only(host) -> None:
@@ -61,7 +49,7 @@ def test_both_servers_vllm_metrics_are_scraped(host) -> None:
     def up() -> dict[str, str]:
         return {r["metric"]["host"]: r["value"][1] for r in _query(host, 'up{job="vllm"}')}
 
-    assert _eventually(lambda: up() == dict.fromkeys(SERVERS, "1")), up()
+    wait_until(lambda: up() == dict.fromkeys(SERVERS, "1"), 120, lambda: f"both scraped: {up()}", 3)
     running = _query(host, "vllm:num_requests_running")
     assert {r["metric"]["host"] for r in running} == set(SERVERS)
     assert {r["metric"]["host"] for r in _query(host, "vllm:kv_cache_usage_perc")} == set(SERVERS)
@@ -73,7 +61,7 @@ def test_every_hosts_node_exporter_is_scraped(host) -> None:
     def up() -> set[str]:
         return {r["metric"]["host"] for r in _query(host, 'up{job="node"} == 1')}
 
-    assert _eventually(lambda: up() == expected), up()
+    wait_until(lambda: up() == expected, 120, lambda: f"{expected} scraped: {up()}", 3)
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -102,8 +90,11 @@ def stopped_server(host) -> Iterator[str]:
 
     An earlier test may have stopped a server: its alert resolves only at the rule evaluation
     after the next good scrape, so wait until no server-down alert is pending or firing first."""
-    assert _eventually(lambda: not _server_down_alerts(host, "pending", "firing"), ALERT_TIMEOUT), (
-        _server_down_alerts(host, "pending", "firing")
+    wait_until(
+        lambda: not _server_down_alerts(host, "pending", "firing"),
+        ALERT_TIMEOUT,
+        "no server-down alert pending or firing",
+        3,
     )
     name = SERVERS[-1]
     server = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
@@ -113,12 +104,11 @@ def stopped_server(host) -> Iterator[str]:
     finally:
         server.run("systemctl reset-failed vllm")
         server.check_output("systemctl start vllm")
-        deadline = time.monotonic() + 600
-        while server.run("curl --silent --fail --max-time 5 %s/health", api(server)).rc != 0:
-            assert time.monotonic() < deadline, f"{name}: no /health after its restart"
-            time.sleep(5)
+        wait_until(lambda: serving(server), 600, f"{name}: /health after its restart")
 
 
 def test_the_server_down_alert_fires_when_a_server_stops(host, stopped_server: str) -> None:
-    firing = _eventually(lambda: _server_down_alerts(host, "firing"), ALERT_TIMEOUT)
+    firing = wait_until(
+        lambda: _server_down_alerts(host, "firing"), ALERT_TIMEOUT, "a server-down alert firing", 3
+    )
     assert firing == [stopped_server]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import ENDED, api, run_playbook, server_state, task_result
+from helpers import ENDED, run_playbook, server_state, serving, task_result, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -44,10 +44,6 @@ def _playbook(
 def _state() -> dict[str, tuple[str, str, str]]:
     """Per server: sha256 of the unit and of the environment file, and vLLM's main pid."""
     return {name: server_state(host) for name, host in HOSTS.items()}
-
-
-def _serving(host) -> bool:
-    return host.run("curl --silent --fail --max-time 5 %s/health", api(host)).rc == 0
 
 
 # A change every server would get if the run went on: a different unit everywhere.
@@ -82,7 +78,7 @@ def test_bad_value_on_one_host_leaves_every_host_unchanged(
     assert message in out, out[-3000:]
     assert "Write the systemd unit" not in out
     assert _state() == before
-    assert all(_serving(host) for host in HOSTS.values())
+    assert all(serving(host) for host in HOSTS.values())
 
 
 @pytest.fixture
@@ -91,7 +87,7 @@ def bad_server_restored() -> Iterator[None]:
     yield
     rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
     assert rc == 0, out[-3000:]
-    assert _serving(HOSTS[BAD])
+    assert serving(HOSTS[BAD])
 
 
 def test_the_configure_tag_runs_the_health_gate(bad_server_restored: None) -> None:
@@ -126,10 +122,7 @@ def vanished_model() -> Iterator[str]:
         host.run("mv %s.aside %s", folder, folder)
         host.run("systemctl reset-failed vllm")
         host.run("systemctl restart vllm")
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _serving(host):
-            assert time.monotonic() < deadline, f"{BAD}: no /health after the model came back"
-            time.sleep(5)
+        wait_until(lambda: serving(host), START_TIMEOUT, f"{BAD}: /health after the model is back")
 
 
 def test_a_vanished_model_folder_is_named_and_the_restarts_stop(vanished_model: str) -> None:
@@ -140,10 +133,7 @@ def test_a_vanished_model_folder_is_named_and_the_restarts_stop(vanished_model: 
 
     host.run("systemctl restart vllm")
     # systemd 252 has no restart back-off: the start limit (5 starts) ends the loop within a minute
-    deadline = time.monotonic() + 180
-    while show("ActiveState") != "failed":
-        assert time.monotonic() < deadline, "vllm kept restarting"
-        time.sleep(5)
+    wait_until(lambda: show("ActiveState") == "failed", 180, "vllm stopped restarting")
     restarts = int(show("NRestarts"))
     journal = host.check_output("journalctl --unit vllm --since '-5min' --no-pager --output cat")
     assert f"model folder {vanished_model} is missing" in journal
@@ -176,7 +166,7 @@ def new_package() -> Iterator[str]:
         host.run("rm -rf %s", probe)
         rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
         assert rc == 0, out[-3000:]
-        assert _serving(host)
+        assert serving(host)
 
 
 def test_a_new_package_restarts_the_server_through_the_rollout(new_package: str) -> None:
@@ -191,7 +181,7 @@ def test_a_new_package_restarts_the_server_through_the_rollout(new_package: str)
     assert after[GOOD] == before[GOOD]
     assert task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
     assert task_result(out, "Ask for one real chat completion", BAD) == "ok"
-    assert _serving(HOSTS[BAD])
+    assert serving(HOSTS[BAD])
 
 
 def _cmdline(host) -> str:
@@ -221,11 +211,9 @@ def unit_behind_the_server() -> Iterator[None]:
             # the run above did not restart it (the property under test broke): do it by hand, so
             # that later tests find BAD as it was
             host.check_output("systemctl restart vllm")
-            deadline = time.monotonic() + START_TIMEOUT
-            while not _serving(host) and time.monotonic() < deadline:
-                time.sleep(5)
+            wait_until(lambda: serving(host), START_TIMEOUT, f"{BAD}: /health after its restart")
         assert rc == 0, out[-3000:]
-        assert _serving(host)
+        assert serving(host)
 
 
 def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: None) -> None:

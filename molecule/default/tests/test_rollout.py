@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key, run_playbook, server_state, task_result
+from helpers import api_key, run_playbook, server_state, task_result, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -55,9 +55,7 @@ def load() -> Iterator[None]:
         yield
     finally:
         CLIENT.run("touch %s", STOP)
-        deadline = time.monotonic() + 360
-        while not CLIENT.file(OUT).exists and time.monotonic() < deadline:
-            time.sleep(3)
+        wait_until(lambda: CLIENT.file(OUT).exists, 360, "the load client's summary", 3)
 
 
 def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
@@ -79,10 +77,12 @@ def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
         assert (unit, env) == (new_unit, new_env) and old_pid != new_pid, (before, after)
     time.sleep(5)
     CLIENT.check_output("touch %s", STOP)
-    deadline = time.monotonic() + 360
-    while not CLIENT.file(OUT).exists:
-        assert time.monotonic() < deadline, CLIENT.run("cat /tmp/rollout-load.log").stdout
-        time.sleep(3)
+    wait_until(
+        lambda: CLIENT.file(OUT).exists,
+        360,
+        lambda: "the load client's summary: " + CLIENT.run("cat /tmp/rollout-load.log").stdout,
+        3,
+    )
     summary = json.loads(CLIENT.file(OUT).content_string)
     assert summary["requests"] >= 20, summary
     assert summary["streamed"] > 0 and summary["streamed"] < summary["requests"], summary
