@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +24,7 @@ class Backend:
     """A real OpenAI-compatible (vLLM) server."""
 
     api_base: str
-    api_key: str
+    api_key: str = field(repr=False)  # not in a failing test's report
     model: str
 
 
@@ -62,14 +63,19 @@ def _chunk(event: bytes) -> dict[str, Any] | None:
     return json.loads(event.removeprefix(b"data: "))
 
 
+# Between two events of a steered answer: a server no faster than a CPU serving a real model, so
+# that the page's Stop lands while the answer still streams (the tiny test model outran it).
+STEERED_EVENT_PACE = 0.02
+
+
 def _indented(pieces: Iterator[bytes], indent: str) -> Iterator[bytes]:
     """A streamed chat completion (server-sent events) whose answer begins with "Sure:" and a line
     break and has every later line indented by `indent`, as code in an answer is: the form Gradio's
-    Chatbot gives back dedented. Rewritten event by event, as the events arrive."""
+    Chatbot gives back dedented. Rewritten and passed on event by event, at most one every
+    STEERED_EVENT_PACE s."""
     pending, started = b"", False
     for piece in pieces:
         events, pending = _split_events(pending + piece)
-        out = b""
         for event in events:
             chunk = _chunk(event)
             if chunk is not None:
@@ -81,9 +87,8 @@ def _indented(pieces: Iterator[bytes], indent: str) -> Iterator[bytes]:
                             text, started = "Sure:\n" + indent + text, True
                         delta["content"] = text
                 event = b"data: " + json.dumps(chunk).encode()
-            out += event + b"\n\n"
-        if out:
-            yield out
+            yield event + b"\n\n"
+            time.sleep(STEERED_EVENT_PACE)
     if pending:
         yield pending
 
