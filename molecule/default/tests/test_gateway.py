@@ -216,12 +216,29 @@ def test_a_client_elsewhere_verifies_the_gateway_by_its_address(host) -> None:
     assert cmd.stdout == "200"
 
 
-def test_plain_http_is_redirected_to_https(host) -> None:
-    out = host.check_output(
+def test_plain_http_redirects_the_page_and_refuses_the_api(host) -> None:
+    # A client set up with http:// has sent its key in cleartext by the time the gateway answers: a
+    # redirect would make it work and go on doing so. The API is refused; the page is redirected.
+    outside = _outside(host)
+    out = outside.check_output(
         "curl --silent --output /dev/null --write-out '%%{http_code} %%{redirect_url}' %s",
-        f"http://{GATEWAY}/v1/models",
+        f"http://{GATEWAY}/?tab=chat",
     )
-    assert out == f"308 {URL}/v1/models"
+    assert out == f"308 {URL}/?tab=chat"
+    chat = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    for path, body in (
+        ("/v1", None),
+        ("/v1/models", None),
+        ("/v1/chat/completions", chat),
+        ("/v2/x", None),
+    ):
+        reply = _curl(outside, f"http://{GATEWAY}{path}", body=body, ca=OUTSIDE_CA)
+        assert reply.status == 403, (path, reply)
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json()["error"]["code"] == "https_required"
+        assert "https://" in reply.json()["error"]["message"]
+        assert "location" not in reply.headers
+        assert "x-upstream" not in reply.headers  # no server was asked
 
 
 def test_health_answers_without_a_key(host) -> None:
