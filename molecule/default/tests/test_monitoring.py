@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, serving, wait_until
+from helpers import api, run_playbook, serving, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -93,7 +93,7 @@ def stopped_server(host) -> Iterator[str]:
     wait_until(
         lambda: not _server_down_alerts(host, "pending", "firing"),
         ALERT_TIMEOUT,
-        "no server-down alert pending or firing",
+        lambda: f"no server-down alert: {_server_down_alerts(host, 'pending', 'firing')}",
         3,
     )
     name = SERVERS[-1]
@@ -112,3 +112,47 @@ def test_the_server_down_alert_fires_when_a_server_stops(host, stopped_server: s
         lambda: _server_down_alerts(host, "firing"), ALERT_TIMEOUT, "a server-down alert firing", 3
     )
     assert firing == [stopped_server]
+
+
+@pytest.fixture
+def new_monitoring_host(host) -> Iterator[str]:
+    """The monitoring host without Prometheus and its node exporter (purged, with their settings),
+    as a new host; the time before. The test runs the monitoring stage; it runs here again
+    afterwards, whatever the test's run did."""
+    # the packages start their services as they are installed, unless a policy-rc.d forbids it
+    assert not host.file("/usr/sbin/policy-rc.d").exists
+    since = host.check_output("date +%s")
+    try:
+        host.check_output(
+            "DEBIAN_FRONTEND=noninteractive apt-get purge --yes --quiet %s %s",
+            "prometheus",
+            "prometheus-node-exporter",
+        )
+        yield since
+    finally:
+        rc, out = run_playbook("playbooks/monitoring.yml", "--limit", host.backend.get_hostname())
+        assert rc == 0, out[-3000:]
+
+
+def test_a_new_monitoring_host_never_listens_on_every_address(host, new_monitoring_host) -> None:
+    # The packages start their services as they are installed: with Debian's defaults, on every
+    # address, until the role had configured them (and for good, had the run failed in between).
+    rc, out = run_playbook("playbooks/monitoring.yml", "--limit", host.backend.get_hostname())
+    assert rc == 0, out[-3000:]
+    starts = {}
+    for unit, message in (
+        ("prometheus", "Start listening for connections"),
+        ("prometheus-node-exporter", "Listening on"),
+    ):
+        journal = host.check_output(
+            "journalctl --unit %s --since @%s --no-pager --output cat", unit, new_monitoring_host
+        )
+        starts[unit] = {
+            line.split("address=")[1].split()[0] for line in journal.splitlines() if message in line
+        }
+    exporter_args = host.file("/etc/default/prometheus-node-exporter").content_string
+    assert starts == {
+        "prometheus": {"127.0.0.1:9090"},
+        "prometheus-node-exporter": {exporter_args.split("--web.listen-address=")[1].split('"')[0]},
+    }
+    assert not starts["prometheus-node-exporter"] & {":9100", "[::]:9100", "0.0.0.0:9100"}
