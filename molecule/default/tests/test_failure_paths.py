@@ -30,7 +30,6 @@ from helpers import (
 )
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 HOST, BUILDER = SERVERS[-1], SERVERS[0]
 testinfra_hosts = [HOST]

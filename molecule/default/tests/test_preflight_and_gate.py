@@ -15,7 +15,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import testinfra
@@ -23,7 +22,6 @@ import testinfra.utils.ansible_runner
 from helpers import ENDED, run_playbook, server_state, serving, task_result, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 HOSTS = {
     name: testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}") for name in SERVERS

@@ -22,7 +22,6 @@ import testinfra.utils.ansible_runner
 from helpers import api_key, run_playbook, server_state, task_result, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 SERVERS = [
     testinfra.get_host(f"ansible://{n}?ansible_inventory={INVENTORY}")
