@@ -106,6 +106,26 @@ def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype:
     return problems
 
 
+# Without an int8 dot-product instruction (VNNI, or AMX's int8 tiles) oneDNN runs W8A8 layers in its
+# reference int8 gemm: on an AVX2-only AMD EPYC 55 % of a decode step went to its compensation
+# term, and vLLM decoded 11x slower than llama.cpp's Q8_0 on the same host (benchmarks/README.md).
+INT8_FAST_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
+    """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
+    if quant is None or (quant["weight_bits"], quant["activation_bits"]) != (8, 8):
+        return []
+    if set(INT8_FAST_FLAGS) & set(flags):
+        return []
+    return [
+        "W8A8 int8 is slow on this CPU: it has no int8 dot-product instruction"
+        f" ({', '.join(INT8_FAST_FLAGS)}), so oneDNN runs its reference int8 gemm (on an AVX2-only"
+        " host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md); serve the"
+        " unquantized checkpoint here"
+    ]
+
+
 def _number(value: object, fallback: int) -> int:
     """lscpu prints "-" (or null) for what the kernel does not report, e.g. NUMA in containers."""
     try:
@@ -279,6 +299,7 @@ def vllm_tuning(
         "tensor_parallel_size": tp,
         "memory_max": memory_max,
         "problems": problems,
+        "warnings": quantization_warnings(quant, flags),
     }
 
 

@@ -195,6 +195,33 @@ def test_w8a8_int8_runs_on_avx2_without_the_fp32_weight_doubling() -> None:
     assert out["weights_gib"] == round(1_800_000_000 / GIB, 2)
 
 
+@pytest.mark.parametrize(
+    ("flags", "slow"),
+    [
+        (AVX2, True),
+        (AVX512, True),  # AVX-512 without VNNI (Skylake-SP)
+        ([*AVX512, "avx512_vnni"], False),
+        ([*AVX2, "avx_vnni"], False),
+        ([*AVX512, "amx_int8"], False),
+    ],
+)
+def test_w8a8_without_an_int8_dot_product_is_served_with_a_warning(
+    flags: list[str], slow: bool
+) -> None:
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, W8A8, 1_800_000_000)
+    assert out["problems"] == []
+    assert bool(out["warnings"]) is slow
+    if slow:
+        assert "reference int8 gemm" in out["warnings"][0]
+        assert "unquantized" in out["warnings"][0]
+
+
+@pytest.mark.parametrize("config", [AWQ, QWEN_1_5B])
+def test_only_w8a8_gets_the_int8_warning(config: dict) -> None:
+    out = tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 16), 32768, config, 1_800_000_000)
+    assert out["warnings"] == []
+
+
 def test_unquantized_models_are_unchanged() -> None:
     out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS)
     assert out["quantization"] == "none"

@@ -11,8 +11,10 @@ Each checkpoint goes to its own server, whose model and service stages run with 
 the checkpoint's kernel needs, the server must answer chat from the quantized weights; where it has
 not, the service stage must refuse it, saying why, before it changes anything. So that the refusal
 runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
-without the AVX-512 flags (a bind mount, as LXCFS does for containers). Afterwards the fleet's model
-is served again, and the checkpoints' folders (and the fleet cache's entries) go.
+without the AVX-512 flags (a bind mount, as LXCFS does for containers). W8A8 is served everywhere,
+with a warning where the CPU has no int8 dot-product instruction (VNNI or AMX); the same kind of
+mount shows that warning on every machine. Afterwards the fleet's model is served again, and the
+checkpoints' folders (and the fleet cache's entries) go.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Checkpoint:
     config: tuple[str, object]  # a key of its quantization_config and the value of that format
     needs: str | None  # the CPU flag its kernel needs (None: every x86 CPU vLLM 0.32 supports)
     refusal: str | None  # what the preflight says on a CPU without it
+    slow: str | None = None  # what the service stage warns on a CPU without an int8 dot product
 
     @property
     def name(self) -> str:
@@ -65,6 +68,7 @@ CHECKPOINTS = {
         config=("format", "int-quantized"),
         needs=None,
         refusal=None,
+        slow="W8A8 int8 is slow on this CPU",
     ),
     "gptq-int4": Checkpoint(
         repo="Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4",
@@ -76,6 +80,9 @@ CHECKPOINTS = {
         refusal="gptq 4-bit weights need AVX-512",
     ),
 }
+# an int8 dot-product instruction (VNNI, AMX's int8 tiles): without one, W8A8 is served, with a
+# warning
+INT8_DOT_PRODUCT = {"avx512_vnni", "avx_vnni", "amx_int8"}
 # one server per checkpoint
 assert len(SERVERS) >= len(CHECKPOINTS), SERVERS
 PLACED = dict(zip(sorted(CHECKPOINTS), SERVERS, strict=False))
@@ -197,6 +204,10 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
         rf"ok: \[{re.escape(PLACED[key])}\] => msg: '?dtype .*? quantization ([^,]+),", done.out
     )
     assert tuning and tuning.group(1) == checkpoint.tuning, done.out[-3000:]
+    # a warning where this CPU runs it slowly, and only there
+    warned = f"WARNING {PLACED[key]}: {checkpoint.slow}" in done.out if checkpoint.slow else False
+    slow = bool(checkpoint.slow) and not INT8_DOT_PRODUCT & set(cpu_flags(host))
+    assert warned == slow, done.out[-3000:]
     # vLLM loaded it as that kind of checkpoint (the unit's journal)
     journal = host.check_output(
         "journalctl --unit vllm --since %s --no-pager --output cat", done.since
@@ -240,3 +251,36 @@ def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: st
     before = server_state(host)
     rc, out = _stage("serve.yml", [without_avx512], {without_avx512: _deploying(checkpoint)})
     _assert_refused(checkpoint, Deployed(False, "", rc, out, before, server_state(host)))
+
+
+@pytest.fixture
+def without_vnni(deployed: dict[str, Deployed]) -> Iterator[str]:
+    """The W8A8 checkpoint's server with a /proc/cpuinfo without AVX-512, AMX and AVX-VNNI (no int8
+    dot product), restored afterwards; yields its name. After `deployed`, which serves the
+    checkpoint there."""
+    name = PLACED["w8a8"]
+    host = _host(name)
+    with cpuinfo_without(host, "avx512[a-z0-9_]*|amx[a-z0-9_]*|avx_vnni"):
+        assert not INT8_DOT_PRODUCT & set(cpu_flags(host))
+        yield name
+
+
+def test_w8a8_on_a_cpu_without_an_int8_dot_product_is_served_with_a_warning(
+    without_vnni: str,
+) -> None:
+    # the service stage's checks only (read-only, on any CPU): they pass, with the warning
+    checkpoint, host = CHECKPOINTS["w8a8"], _host(without_vnni)
+    before = server_state(host)
+    rc, out = run_playbook(
+        "playbooks/serve.yml",
+        "--limit",
+        without_vnni,
+        "--tags",
+        "vllm_service_preflight",
+        host_vars={without_vnni: _deploying(checkpoint)},
+    )
+    assert rc == 0, out[-3000:]
+    assert f"WARNING {without_vnni}: {checkpoint.slow}" in out, out[-3000:]
+    assert "serve the unquantized checkpoint here" in out
+    assert "Write the systemd unit" not in out
+    assert server_state(host) == before
