@@ -217,29 +217,28 @@ def _cmdline(host) -> str:
 
 
 @pytest.fixture
-def unit_behind_the_server() -> Iterator[None]:
+def unit_behind_the_server() -> Iterator[dict[str, bool]]:
     """BAD runs a unit with --max-num-seqs 15 while its unit file is the usual one again: what a run
     leaves that wrote new files and stopped before the restart (here the other way round, so
-    that the plain run below has nothing to write). The test's own run restores it; where it did
-    not (the property broke), a plain run of the service stage, then a restart by hand."""
+    that the plain run below has nothing to write). A test that passed has restored it itself
+    (it sets "restored"); otherwise a plain run of the service stage, then a restart by hand."""
     host = HOSTS[BAD]
     unit = "/etc/systemd/system/vllm.service"
     usual = host.file(unit).content
-    rc, out = _playbook("playbooks/serve.yml", "--limit", BAD, **CHANGE)
-    assert rc == 0, out[-3000:]
+    done = {"restored": False}
     try:
+        rc, out = _playbook("playbooks/serve.yml", "--limit", BAD, **CHANGE)
+        assert rc == 0, out[-3000:]
         assert "--max-num-seqs 15 " in _cmdline(host)
         host.check_output("echo %s | base64 -d > %s", base64.b64encode(usual).decode(), unit)
         host.check_output("systemctl daemon-reload")
-        yield
+        yield done
     finally:
-        # as the scenario made it (the usual unit, running) unless something broke
-        changed = host.file(unit).content != usual
-        if changed or not serving(host) or "--max-num-seqs 15 " in _cmdline(host):
+        if not done["restored"]:
             rc, out = _playbook("playbooks/serve.yml", "--limit", BAD)
-            if "--max-num-seqs 15 " in _cmdline(host):
-                # the run above did not restart it (the property under test broke): do it by hand,
-                # so that later tests find BAD as it was
+            if not serving(host) or "--max-num-seqs 15 " in _cmdline(host):
+                # the run above did not restart it (the property under test broke): do it by
+                # hand, so that later tests find BAD as it was
                 host.check_output("systemctl restart vllm")
                 wait_until(
                     lambda: serving(host),
@@ -247,10 +246,10 @@ def unit_behind_the_server() -> Iterator[None]:
                     f"{BAD}: /health after its restart, the run's rc {rc}: {out[-3000:]}",
                 )
             assert rc == 0, out[-3000:]
-        assert serving(host)
+            assert serving(host)
 
 
-def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: None) -> None:
+def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: dict) -> None:
     # The files on disk are what the role writes, so this run writes nothing; but the process was
     # started from other files: the run restarts it (drained, gated) instead of leaving it stale.
     before = _state()
@@ -263,6 +262,9 @@ def test_a_server_not_running_its_files_is_restarted(unit_behind_the_server: Non
     assert after[GOOD] == before[GOOD]
     assert task_result(out, "Take the server out of rotation at the gateways", BAD) == "included"
     assert task_result(out, "Ask for one real chat completion", BAD) == "ok"
+    # the run passed its gate and put BAD back: it runs its usual files, as the scenario made it
+    assert serving(HOSTS[BAD])
+    unit_behind_the_server["restored"] = True
 
 
 def test_the_gate_of_an_unchanged_server_asks_no_chat() -> None:
