@@ -106,10 +106,11 @@ def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype:
     return problems
 
 
-# Without an int8 dot-product instruction (VNNI, or AMX's int8 tiles) oneDNN runs W8A8 layers in its
-# reference int8 gemm: on an AVX2-only AMD EPYC 55 % of a decode step went to its compensation
-# term, and vLLM decoded 11x slower than llama.cpp's Q8_0 on the same host (benchmarks/README.md).
-INT8_FAST_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# On a CPU with AVX2 but neither AVX-512 nor an int8 dot-product instruction (VNNI, AMX's int8
+# tiles) oneDNN ran W8A8 layers in its reference int8 gemm: on an AMD EPYC of that kind 55 % of a
+# decode step went to its compensation term, and vLLM decoded 11x slower than llama.cpp's Q8_0 on
+# the same host (benchmarks/README.md). AVX-512 without VNNI was not measured: no warning there.
+INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
@@ -119,10 +120,10 @@ def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> lis
     if set(INT8_FAST_FLAGS) & set(flags):
         return []
     return [
-        "W8A8 int8 is slow on this CPU: it has no int8 dot-product instruction"
-        f" ({', '.join(INT8_FAST_FLAGS)}), so oneDNN runs its reference int8 gemm (on an AVX2-only"
-        " host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md); serve the"
-        " unquantized checkpoint here"
+        "W8A8 int8 is slow on this CPU: it has none of"
+        f" {', '.join(INT8_FAST_FLAGS)}, and there oneDNN runs its reference int8 gemm (on an"
+        " AVX2-only host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md);"
+        " serve the unquantized checkpoint here"
     ]
 
 

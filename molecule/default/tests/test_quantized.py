@@ -12,8 +12,8 @@ the checkpoint's kernel needs, the server must answer chat from the quantized we
 not, the service stage must refuse it, saying why, before it changes anything. So that the refusal
 runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
 without the AVX-512 flags (a bind mount, as LXCFS does for containers). W8A8 is served everywhere,
-with a warning where the CPU has no int8 dot-product instruction (VNNI or AMX); the same kind of
-mount shows that warning on every machine. Afterwards the fleet's model is served again, and the
+with a warning where the CPU has neither AVX-512 nor an int8 dot product (VNNI, AMX); the same kind
+of mount shows that warning on every machine. Afterwards the fleet's model is served again, and the
 checkpoints' folders (and the fleet cache's entries) go.
 """
 
@@ -80,9 +80,9 @@ CHECKPOINTS = {
         refusal="gptq 4-bit weights need AVX-512",
     ),
 }
-# an int8 dot-product instruction (VNNI, AMX's int8 tiles): without one, W8A8 is served, with a
-# warning
-INT8_DOT_PRODUCT = {"avx512_vnni", "avx_vnni", "amx_int8"}
+# AVX-512 or an int8 dot-product instruction (VNNI, AMX's int8 tiles): without any, W8A8 is served,
+# with a warning
+INT8_DOT_PRODUCT = {"avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}
 # one server per checkpoint
 assert len(SERVERS) >= len(CHECKPOINTS), SERVERS
 PLACED = dict(zip(sorted(CHECKPOINTS), SERVERS, strict=False))
@@ -283,4 +283,5 @@ def test_w8a8_on_a_cpu_without_an_int8_dot_product_is_served_with_a_warning(
     assert f"WARNING {without_vnni}: {checkpoint.slow}" in out, out[-3000:]
     assert "serve the unquantized checkpoint here" in out
     assert "Write the systemd unit" not in out
+    assert re.search(rf"{re.escape(without_vnni)} : ok=\d+ changed=0 ", out), out[-3000:]
     assert server_state(host) == before
