@@ -1,9 +1,9 @@
 """The health gate's probe (roles/vllm_service/files/wait_healthy.py), run as the role runs it.
 
-`python -I -S wait_healthy.py URL UNIT NRESTARTS` with a stand-in `systemctl` first on PATH (it
-prints the unit state a test gives it, in `systemctl show`'s format) and a real HTTP server on
-loopback for the health URL. The exit code is the gate's contract: 0 healthy, 4 the process ended
-(the gate fails at once), 3 not yet (the gate looks again).
+`python -I -S wait_healthy.py URL UNIT NRESTARTS [SECONDS]` with a stand-in `systemctl` first on
+PATH (it prints the unit state a test gives it, in `systemctl show`'s format) and a real HTTP server
+on loopback for the health URL. The exit code is the gate's contract: 0 healthy, 4 the process ended
+(the gate fails at once), 3 not yet (the gate looks again); with SECONDS it keeps looking that long.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.server
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,7 +45,12 @@ def _url(server: Server) -> str:
 
 
 def _probe(
-    tmp_path: Path, url: str, shown: str | None, restarts_before: str = "0", **env: str
+    tmp_path: Path,
+    url: str,
+    shown: str | None,
+    restarts_before: str = "0",
+    seconds: float | None = None,
+    **env: str,
 ) -> tuple[int, str]:
     """Run the probe; `shown` is what `systemctl show` prints, None makes systemctl fail. The
     stand-in answers only the question the probe must ask (else it fails, as a wrong unit would)."""
@@ -57,7 +64,8 @@ def _probe(
         fake.write_text(f"#!/bin/sh\n{asked}\nprintf '%s\\n' {lines}\n")
     fake.chmod(0o755)
     done = subprocess.run(
-        [sys.executable, "-I", "-S", str(PROBE), url, "vllm.service", restarts_before],
+        [sys.executable, "-I", "-S", str(PROBE), url, "vllm.service", restarts_before]
+        + ([] if seconds is None else [str(seconds)]),
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,3 +125,34 @@ def test_an_unreadable_unit_state_is_not_yet(tmp_path: Path, health: Server) -> 
     code, why = _probe(tmp_path, _url(health), None)
     assert code == NOT_YET and why.startswith("could not read the unit's state"), why
     assert "returned non-zero exit status 1" in why, why  # systemctl's failure, not a bug
+
+
+def test_within_its_seconds_it_sees_a_server_as_soon_as_it_answers(
+    tmp_path: Path, health: Server
+) -> None:
+    _Health.status = 503
+    threading.Timer(1.0, lambda: setattr(_Health, "status", 200)).start()
+    began = time.monotonic()
+    assert _probe(tmp_path, _url(health), RUNNING, seconds=20) == (ANSWERED, "")
+    assert 1.0 <= time.monotonic() - began < 10
+
+
+def test_within_its_seconds_a_server_that_never_answers_is_not_yet_after_them(
+    tmp_path: Path, health: Server
+) -> None:
+    _Health.status = 503
+    began = time.monotonic()
+    code, why = _probe(tmp_path, _url(health), RUNNING, seconds=1.5)
+    assert code == NOT_YET and why.startswith("no answer from"), why
+    assert time.monotonic() - began >= 1.5
+
+
+def test_within_its_seconds_an_ended_process_fails_the_gate_at_once(
+    tmp_path: Path, health: Server
+) -> None:
+    began = time.monotonic()
+    code, why = _probe(
+        tmp_path, _url(health), "ActiveState=failed SubState=failed NRestarts=0", seconds=30
+    )
+    assert code == ENDED, why
+    assert time.monotonic() - began < 10

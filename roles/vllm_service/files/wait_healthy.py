@@ -1,15 +1,17 @@
-"""One look at a starting systemd service: does it answer its health URL, or has its process ended?
+"""Looks at a starting systemd service: does it answer its health URL, or has its process ended?
 
 The role's health gate (tasks/run.yml) installs it on the server and runs it with the service's own
-Python every few seconds until it exits with 0 or 4. A `uri` until-loop cannot see the unit, so a
-server that vLLM refused to start (a flag it rejects, say) used to be waited on for the whole start
-timeout; this also reads systemd's state of the unit, and reports at once that its process ended:
-the unit is no longer active or activating, waits for an automatic restart, or systemd restarted it
-since the wait began (its NRestarts counter grew).
+Python until it exits with 0 or 4; each run looks every half second for up to SECONDS, so that the
+gate sees a server within half a second of its answer (the task's retry delay would round up to it).
+A `uri` until-loop cannot see the unit, so a server that vLLM refused to start (a flag it rejects,
+say) used to be waited on for the whole start timeout; this also reads systemd's state of the unit,
+and reports at once that its process ended: the unit is no longer active or activating, waits for an
+automatic restart, or systemd restarted it since the wait began (its NRestarts counter grew).
 
-Usage: python -I -S wait_healthy.py URL UNIT NRESTARTS_WHEN_THE_WAIT_BEGAN
-Exit 0: URL answered 200. Exit 4: the unit's process ended (why on stdout). Exit 3: not yet,
-including a look that could not be made (systemctl or the request failed; why on stdout).
+Usage: python -I -S wait_healthy.py URL UNIT NRESTARTS_WHEN_THE_WAIT_BEGAN [SECONDS]
+Exit 0: URL answered 200. Exit 4: the unit's process ended (why on stdout). Exit 3: not yet after
+SECONDS (default 0: one look), including looks that could not be made (systemctl or the request
+failed; why on stdout).
 Standard library only; no proxy is ever used (the URL is the server's own address).
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.request
 
 ANSWERED, NOT_YET, ENDED = 0, 3, 4
@@ -51,12 +54,16 @@ def look(url: str, unit: str, restarts_before: str) -> tuple[int, str]:
 
 
 def main() -> int:
-    try:
-        code, why = look(*sys.argv[1:4])
-    except Exception as error:  # systemctl failed or timed out: look again at the next try
-        code, why = NOT_YET, f"could not read the unit's state: {error}"
-    print(why)
-    return code
+    deadline = time.monotonic() + float(sys.argv[4] if len(sys.argv) > 4 else 0)
+    while True:
+        try:
+            code, why = look(*sys.argv[1:4])
+        except Exception as error:  # systemctl failed or timed out: look again
+            code, why = NOT_YET, f"could not read the unit's state: {error}"
+        if code != NOT_YET or time.monotonic() >= deadline:
+            print(why)
+            return code
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
