@@ -1,7 +1,10 @@
 """A rollout that restarts every server loses no request.
 
 While hf-standin (a client outside the fleet) sends a bounded load of streamed and non-streamed chat
-completions through the gateway (tests/files/gateway_load.py), serve.yml rolls a restart through
+completions through the gateway (tests/files/gateway_load.py: 4 clients, each pausing half a second
+after each answer: ~6 requests a second all through the rollout, without keeping both cores of a
+small test machine busy, where a saturating load tripled the time of the two restarts),
+serve.yml rolls a restart through
 the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained at the gateway,
 restarted, gated and put back, the path every planned restart takes (a changed unit, environment or
 package). Every request must succeed and every answer be complete. Nothing changes on the servers
@@ -43,7 +46,8 @@ def load() -> Iterator[None]:
     CLIENT.check_output("rm -f %s %s", STOP, OUT)
     CLIENT.check_output(
         "VLLM_API_KEY=%s nohup python3 /tmp/gateway_load.py --host %s --ca /tmp/rollout-ca.crt"
-        " --workers 4 --max-seconds 1500 --stop %s --out %s > /tmp/rollout-load.log 2>&1 &",
+        " --workers 4 --pause 0.5 --max-seconds 1500 --stop %s --out %s"
+        " > /tmp/rollout-load.log 2>&1 &",
         api_key(SERVERS[0]),
         GATEWAY_NAME,
         STOP,

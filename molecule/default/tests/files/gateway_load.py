@@ -1,9 +1,10 @@
 """Bounded load through the gateway, for the rollout test (test_rollout.py); standard library only.
 
-WORKERS threads send chat completions to https://HOST/v1/chat/completions, streamed and not in
-turn, each asking for exactly TOKENS tokens, until the stop file appears or MAX_SECONDS pass; then
-it writes a JSON summary: requests, failures (HTTP errors, broken connections), truncated answers (a
-stream without its final `data: [DONE]`, or fewer tokens than asked). The key: VLLM_API_KEY.
+WORKERS threads send chat completions to https://HOST/v1/chat/completions, streamed and not in turn,
+each asking for exactly TOKENS tokens and waiting PAUSE seconds after each answer, until the stop
+file appears or MAX_SECONDS pass; then it writes a JSON summary: requests, failures (HTTP errors,
+broken connections), truncated answers (a stream without its final `data: [DONE]`, or fewer tokens
+than asked). The key: VLLM_API_KEY.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--model", default="Qwen/Qwen2.5-1.5B-Instruct")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--pause", type=float, default=0.0)
     parser.add_argument("--max-seconds", type=float, default=1200)
     parser.add_argument("--stop", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -89,6 +91,7 @@ def main() -> None:
                     summary["failed" if problem.startswith("failed") else "truncated"] += 1
                     summary["problems"] = (summary["problems"] + [problem])[:20]
             stream = not stream
+            time.sleep(args.pause)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(args.workers)]
     for thread in threads:
