@@ -1,8 +1,9 @@
 """Looks at a starting systemd service: does it answer its health URL, or has its process ended?
 
 The role's health gate (tasks/run.yml) installs it on the server and runs it with the service's own
-Python until it exits with 0 or 4; each run looks every half second for up to SECONDS, so that the
-gate sees a server within half a second of its answer (the task's retry delay would round up to it).
+Python, one try after another, until it exits with 0 or 4; each try looks every half second for
+about SECONDS, so that the gate sees a server within half a second of its first answer while a try
+runs (a retry delay of the task's would add up to its whole length).
 A `uri` until-loop cannot see the unit, so a server that vLLM refused to start (a flag it rejects,
 say) used to be waited on for the whole start timeout; this also reads systemd's state of the unit,
 and reports at once that its process ended: the unit is no longer active or activating, waits for an
@@ -10,8 +11,8 @@ automatic restart, or systemd restarted it since the wait began (its NRestarts c
 
 Usage: python -I -S wait_healthy.py URL UNIT NRESTARTS_WHEN_THE_WAIT_BEGAN [SECONDS]
 Exit 0: URL answered 200. Exit 4: the unit's process ended (why on stdout). Exit 3: not yet after
-SECONDS (default 0: one look), including looks that could not be made (systemctl or the request
-failed; why on stdout).
+about SECONDS (default 0: one look; a look can take longer), including looks that could not be
+made (systemctl or the request failed; why on stdout).
 Standard library only; no proxy is ever used (the URL is the server's own address).
 """
 
