@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,30 +123,48 @@ def run_playbook(
     extra_vars: dict | None = None,
     host_vars: dict[str, dict] | None = None,
     timeout: int = 1800,
+    watch: Callable[[str], None] | None = None,
 ) -> tuple[int, str]:
     """Run a playbook of the project (path from the project root) on the scenario's hosts, with more
     ansible-playbook arguments, extra variables and variables per host (`{host: {name: value}}`, in
     a second inventory source that is removed afterwards); return its exit code and its output with
-    white space folded (the YAML callback wraps long messages)."""
+    white space folded (the YAML callback wraps long messages). `watch` is called with each line of
+    the output as it comes (stdout and stderr together, then)."""
     project = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
     sources = [os.environ["MOLECULE_INVENTORY_FILE"]]
     with tempfile.TemporaryDirectory() as scratch:
         if host_vars:
             sources.append(f"{scratch}/host_vars.yml")
             Path(sources[-1]).write_text(json.dumps({"all": {"hosts": host_vars}}))
-        run = subprocess.run(
-            [
-                "ansible-playbook",
-                *(arg for source in sources for arg in ("-i", source)),
-                *(["-e", json.dumps(extra_vars)] if extra_vars is not None else []),
-                *args,
-                str(project / playbook),
-            ],
+        command = [
+            "ansible-playbook",
+            *(arg for source in sources for arg in ("-i", source)),
+            *(["-e", json.dumps(extra_vars)] if extra_vars is not None else []),
+            *args,
+            str(project / playbook),
+        ]
+        env = dict(os.environ, ANSIBLE_ROLES_PATH=str(project / "roles"), ANSIBLE_NOCOLOR="1")
+        if watch is None:
+            run = subprocess.run(
+                command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+            )
+            return run.returncode, " ".join((run.stdout + run.stderr).split())
+        lines = []
+        with subprocess.Popen(
+            command,
             cwd=project,
-            env=dict(os.environ, ANSIBLE_ROLES_PATH=str(project / "roles"), ANSIBLE_NOCOLOR="1"),
-            capture_output=True,
+            env=dict(env, PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=timeout,
-            check=False,
-        )
-    return run.returncode, " ".join((run.stdout + run.stderr).split())
+        ) as running:
+            timer = threading.Timer(timeout, running.kill)
+            timer.start()
+            try:
+                for line in running.stdout:
+                    lines.append(line)
+                    watch(line)
+            finally:
+                timer.cancel()
+                running.kill()
+    return running.wait(), " ".join("".join(lines).split())

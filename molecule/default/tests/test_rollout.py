@@ -7,22 +7,27 @@ small test machine busy, where a saturating load tripled the time of the two res
 serve.yml rolls a restart through
 the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained at the gateway,
 restarted, gated and put back, the path every planned restart takes (a changed unit, environment or
-package). Every request must succeed and every answer be complete. Nothing changes on the servers
-but their processes, so there is nothing to roll back. Traffic stays inside the test containers.
+package). Every request must succeed and every answer be complete. When the first server is taken
+out of rotation, the controller sends it a long request of its own (4 answers of 1,900 tokens,
+straight to its port, open to the controller as to a monitoring host): the drain must wait for it
+before the restart, and it must be answered in full. Nothing changes on the servers but their
+processes, so there is nothing to roll back. Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key, run_playbook, server_state, task_result, wait_until
+from helpers import api, api_key, run_playbook, server_state, task_result, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -61,12 +66,49 @@ def load() -> Iterator[None]:
         wait_until(lambda: CLIENT.file(OUT).exists, 360, "the load client's summary", 3)
 
 
+LONG = {"n": 4, "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True}
+
+
+def _long_request(url: str, key: str, answer: dict) -> None:
+    """A chat completion of LONG's size sent straight to a server: its answer, or the error."""
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        json.dumps(
+            {"model": "Qwen/Qwen2.5-1.5B-Instruct", "messages": [{"role": "user", "content": "Hi"}]}
+            | LONG
+        ).encode(),
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=600) as response:
+            answer.update(json.load(response))
+    except Exception as error:  # whatever broke it is the test's failure message
+        answer["error"] = repr(error)
+
+
 def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     before = [server_state(host) for host in SERVERS]
+    first = RUNNER.get_hosts("vllm_servers")[0]  # the first batch (the play's host order)
+    answer: dict = {}
+    target = (api(SERVERS[0]), api_key(SERVERS[0]), answer)  # SERVERS[0] is `first`
+    sender = threading.Thread(target=_long_request, args=target)
+
+    def on_drain(line: str) -> None:
+        if "Take the server out of rotation at the gateways]" in line and sender.ident is None:
+            sender.start()
+
     # every server is drained, restarted, gated and put back in turn
     rolling = {"vllm_service_rolling_restart": True, "vllm_rollout_batch": 1}
-    rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling)
+    rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling, watch=on_drain)
+    sender.join(600)
     assert rc == 0, out[-3000:]
+    # the long request kept the first server's drain waiting, and was answered in full
+    waited = f"RETRYING: [{first}]: Wait until the server has no request running or waiting"
+    assert waited in out, out[-3000:]
+    assert "error" not in answer, answer
+    assert len(answer["choices"]) == LONG["n"], answer
+    assert answer["usage"]["completion_tokens"] == LONG["n"] * LONG["max_tokens"], answer["usage"]
     asked = "is to restart (vllm_service_rolling_restart): restart it"
     assert out.count(asked) == len(SERVERS), out[-3000:]
     for name in RUNNER.get_hosts("vllm_servers"):
