@@ -137,7 +137,7 @@ def test_within_its_seconds_it_sees_a_server_as_soon_as_it_answers(
     try:
         assert _probe(tmp_path, _url(health), RUNNING, seconds=20) == (ANSWERED, "")
         # within about half a second of its first answer (a slow machine gets more)
-        assert 1.0 <= time.monotonic() - began < 3
+        assert 1.0 <= time.monotonic() - began < 4.5
     finally:
         answers.cancel()
 
@@ -178,6 +178,6 @@ def test_within_its_seconds_a_process_that_ends_fails_the_gate_at_once(
         )
         assert done.returncode == ENDED, done.stdout
         assert "failed/failed" in done.stdout, done.stdout
-        assert time.monotonic() - began < 3
+        assert time.monotonic() - began < 4.5
     finally:
         ends.cancel()

@@ -149,22 +149,33 @@ def run_playbook(
                 command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout
             )
             return run.returncode, " ".join((run.stdout + run.stderr).split())
-        lines = []
+        lines: list[str] = []
+        timed_out = threading.Event()
         with subprocess.Popen(
             command,
             cwd=project,
             env=dict(env, PYTHONUNBUFFERED="1"),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            text=True,
+            encoding="utf-8",
+            errors="replace",
         ) as running:
-            timer = threading.Timer(timeout, running.kill)
+
+            def stop() -> None:
+                timed_out.set()
+                running.kill()
+
+            timer = threading.Timer(timeout, stop)
             timer.start()
             try:
                 for line in running.stdout:
                     lines.append(line)
                     watch(line)
+            except BaseException:
+                running.kill()
+                raise
             finally:
                 timer.cancel()
-                running.kill()
-    return running.wait(), " ".join("".join(lines).split())
+        if timed_out.is_set():
+            raise subprocess.TimeoutExpired(command, timeout, output="".join(lines))
+    return running.returncode, " ".join("".join(lines).split())

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,16 +85,19 @@ def _long_request(url: str, key: str, answer: dict) -> None:
     try:
         with opener.open(request, timeout=600) as response:
             answer.update(json.load(response))
+    except urllib.error.HTTPError as error:
+        answer["error"] = f"{error}: {error.read()[:1000]!r}"
     except Exception as error:  # whatever broke it is the test's failure message
         answer["error"] = repr(error)
 
 
 def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     before = [server_state(host) for host in SERVERS]
-    first = RUNNER.get_hosts("vllm_servers")[0]  # the first batch (the play's host order)
+    # the first batch: the first server in the inventory's order (molecule.yml), checked below
+    first = RUNNER.get_hosts("vllm_servers")[0]
     answer: dict = {}
     target = (api(SERVERS[0]), api_key(SERVERS[0]), answer)  # SERVERS[0] is `first`
-    sender = threading.Thread(target=_long_request, args=target)
+    sender = threading.Thread(target=_long_request, args=target, daemon=True)
 
     def on_drain(line: str) -> None:
         if "Take the server out of rotation at the gateways]" in line and sender.ident is None:
@@ -101,9 +106,13 @@ def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     # every server is drained, restarted, gated and put back in turn
     rolling = {"vllm_service_rolling_restart": True, "vllm_rollout_batch": 1}
     rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling, watch=on_drain)
-    sender.join(600)
     assert rc == 0, out[-3000:]
+    assert sender.ident is not None, "no server was taken out of rotation"
+    sender.join(600)
+    assert not sender.is_alive(), "the long request did not end within 10 minutes"
     # the long request kept the first server's drain waiting, and was answered in full
+    drained_first = out.split("Take the server out of rotation at the gateways]", 1)[1]
+    assert re.match(rf"[\s*]*included: \S+ for {re.escape(first)}\b", drained_first), out[-3000:]
     waited = f"RETRYING: [{first}]: Wait until the server has no request running or waiting"
     assert waited in out, out[-3000:]
     assert "error" not in answer, answer
