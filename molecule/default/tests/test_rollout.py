@@ -3,15 +3,14 @@
 While hf-standin (a client outside the fleet) sends a bounded load of streamed and non-streamed chat
 completions through the gateway (tests/files/gateway_load.py: 4 clients, each pausing half a second
 after each answer: ~6 requests a second all through the rollout, without keeping both cores of a
-small test machine busy, where a saturating load tripled the time of the two restarts),
-serve.yml rolls a restart through
-the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained at the gateway,
-restarted, gated and put back, the path every planned restart takes (a changed unit, environment or
-package). Every request must succeed and every answer be complete. When the first server is taken
-out of rotation, the controller sends it a long request of its own (4 answers of 1,900 tokens,
-straight to its port, open to the controller as to a monitoring host): the drain must wait for it
-before the restart, and it must be answered in full. Nothing changes on the servers but their
-processes, so there is nothing to roll back. Traffic stays inside the test containers.
+small test machine busy, where a saturating load more than doubled the test's time), serve.yml rolls
+a restart through the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained
+at the gateway, restarted, gated and put back, the path every planned restart takes (a changed unit,
+environment or package). Every request must succeed and every answer be complete. When the first
+server is taken out of rotation, the controller sends it a long request of its own (4 answers of
+1,900 tokens, straight to its port, open to the controller as to a monitoring host): the drain must
+wait for it before the restart, and it must be answered in full. Nothing changes on the servers but
+their processes, so there is nothing to roll back. Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
