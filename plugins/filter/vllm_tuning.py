@@ -45,8 +45,20 @@ INT4_NEEDS_FLAG = "avx512f"
 INT4_ACTIVATION_DTYPES = ("bfloat16", "float16", "half")
 
 
+# FP8, from the same libraries and vLLM 0.32's kernel lists, and served on an AVX2-only AMD EPYC
+# (make_tiny_qwen2.py --quant fp8-dynamic|fp8-block, see the role README): per-channel FP8 weights
+# (llm-compressor's FP8_DYNAMIC) run on every x86 CPU, through torch's generic FP8 matmul where the
+# CPU has no AMX-FP8; block-scaled FP8 (Qwen3's "-FP8", vLLM's "fp8" method) has only AMX kernels
+# (fp8_scaled_mm_cpu); one scale per tensor makes vLLM requantize the fused q/k/v and gate/up
+# shards with static_scaled_fp8_quant, which the CPU libraries declare without implementing, so
+# such checkpoints fail to load on every CPU. vLLM's "fp8" method takes bf16 or fp16 activations.
+FP8_BLOCK_NEEDS_FLAG = "amx_tile"
+FP8_METHOD_ACTIVATION_DTYPES = ("bfloat16", "float16", "half")
+
+
 def quantization(model_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint's quantization: method, weight and activation bits (None: not quantized)."""
+    """The checkpoint's quantization (None: not quantized): method, weight and activation bits,
+    whether the weights are integers or floats, and how their scales are laid out."""
     text = model_config.get("text_config", model_config)
     q = model_config.get("quantization_config") or text.get("quantization_config")
     if not q:
@@ -54,23 +66,62 @@ def quantization(model_config: dict[str, Any]) -> dict[str, Any] | None:
     method = str(q.get("quant_method", "")).lower()
     weight_bits = q.get("bits", q.get("w_bit"))
     act_bits = None
+    weight_type, strategy = "int", "group"
     if method == "compressed-tensors":
         for group in (q.get("config_groups") or {}).values():
-            weight_bits = (group.get("weights") or {}).get("num_bits", weight_bits)
+            weights = group.get("weights") or {}
+            weight_bits = weights.get("num_bits", weight_bits)
+            weight_type = str(weights.get("type", weight_type)).lower()
+            strategy = str(weights.get("strategy", strategy)).lower()
             act_bits = (group.get("input_activations") or {}).get("num_bits", act_bits)
+    elif method == "fp8":
+        weight_bits, act_bits, weight_type = 8, 8, "float"
+        strategy = "block" if q.get("weight_block_size") else "tensor"
     return {
         "method": method,
         "weight_bits": int(weight_bits) if weight_bits is not None else None,
         "activation_bits": int(act_bits) if act_bits is not None else None,
+        "weight_type": weight_type,
+        "strategy": strategy,
     }
 
 
 def quantization_label(quant: dict[str, Any] | None) -> str:
-    """The quantization as the tuning reports it: "none", or e.g. "compressed-tensors w8a8"."""
+    """The quantization as the tuning reports it: "none", or e.g. "compressed-tensors w8a8",
+    "compressed-tensors w8a8 fp8", "fp8 w8a8 block"."""
     if quant is None:
         return "none"
     act = f"a{quant['activation_bits']}" if quant["activation_bits"] else ""
-    return f"{quant['method']} w{quant['weight_bits']}{act}"
+    label = f"{quant['method']} w{quant['weight_bits']}{act}"
+    if quant["weight_type"] == "float":
+        label += "" if quant["method"] == "fp8" else " fp8"
+        label += " block" if quant["strategy"] == "block" else ""
+    return label
+
+
+def _fp8_problems(quant: dict[str, Any], flags: list[str], dtype: str) -> list[str]:
+    """Why this host cannot serve the FP8 checkpoint as configured (empty: it can)."""
+    method, strategy = quant["method"], quant["strategy"]
+    if strategy not in ("channel", "block"):
+        return [
+            f"FP8 weights with one scale per {strategy} cannot be loaded by vLLM 0.32 on CPUs: it"
+            " requantizes the fused q/k/v and gate/up weights with static_scaled_fp8_quant, which"
+            " its CPU libraries declare without implementing; serve an FP8 checkpoint with one"
+            " scale per output channel (llm-compressor's FP8_DYNAMIC), W8A8 int8 or unquantized"
+        ]
+    problems = []
+    if strategy == "block" and FP8_BLOCK_NEEDS_FLAG not in flags:
+        problems.append(
+            "FP8 weights in blocks need AMX: vLLM 0.32's CPU kernels for block-scaled FP8"
+            " (fp8_scaled_mm_cpu) use AMX tiles only, and this CPU has no amx_tile; serve an FP8"
+            " checkpoint with one scale per output channel, W8A8 int8 or unquantized"
+        )
+    if method == "fp8" and dtype not in FP8_METHOD_ACTIVATION_DTYPES:
+        problems.append(
+            f"vLLM 0.32's fp8 method takes bfloat16 or float16 activations, not {dtype}"
+            " (set vllm_service_dtype to bfloat16)"
+        )
+    return problems
 
 
 def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype: str) -> list[str]:
@@ -78,11 +129,17 @@ def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype:
     if quant is None:
         return []
     method, bits, act = quant["method"], quant["weight_bits"], quant["activation_bits"]
-    known = method in ("awq", "gptq") or (method == "compressed-tensors" and bits in (4, 8))
+    if quant["weight_type"] == "float" and bits == 8:
+        return _fp8_problems(quant, flags, dtype)
+    known = method in ("awq", "gptq") or (
+        method == "compressed-tensors" and bits in (4, 8) and quant["weight_type"] == "int"
+    )
     if not known:
+        float_note = f" {bits}-bit float" if quant["weight_type"] == "float" else ""
         return [
-            f"quantization {method!r} is not one vLLM 0.32 serves on x86 CPUs (AWQ and GPTQ 4-bit,"
-            " compressed-tensors W4A16 and W8A8 int8)"
+            f"quantization {method!r}{float_note} is not one this role serves on x86 CPUs with"
+            " vLLM 0.32 (AWQ and GPTQ 4-bit, compressed-tensors W4A16 and W8A8 int8, FP8 with"
+            " per-channel or block scales)"
         ]
     if method in ("awq", "gptq") and bits != 4:
         return [
@@ -115,7 +172,9 @@ INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
-    if quant is None or (quant["weight_bits"], quant["activation_bits"]) != (8, 8):
+    if quant is None or quant["weight_type"] != "int":
+        return []
+    if (quant["weight_bits"], quant["activation_bits"]) != (8, 8):
         return []
     if set(INT8_FAST_FLAGS) & set(flags):
         return []

@@ -222,6 +222,67 @@ def test_only_w8a8_gets_the_int8_warning(config: dict) -> None:
     assert out["warnings"] == []
 
 
+# FP8 checkpoints in the three layouts they are published in (tests/fixtures/make_tiny_qwen2.py
+# writes the first two): llm-compressor's FP8_DYNAMIC (RedHatAI's "-FP8-dynamic"), vLLM's own fp8
+# method with 128x128 blocks (Qwen3's "-FP8"), and compressed-tensors with one scale per tensor.
+def _fp8_compressed(strategy: str) -> dict:
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy}
+    activations = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}
+    group = {"weights": weights, "input_activations": activations}
+    config = {"quant_method": "compressed-tensors", "config_groups": {"group_0": group}}
+    return {**QWEN_1_5B, "quantization_config": config}
+
+
+FP8_DYNAMIC = _fp8_compressed("channel")
+FP8_PER_TENSOR = _fp8_compressed("tensor")
+FP8_BLOCK = {
+    **QWEN_1_5B,
+    "quantization_config": {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    },
+}
+AMX = [*AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+
+
+@pytest.mark.parametrize("flags", [AVX2, AVX512, AMX])
+def test_fp8_per_channel_is_served_on_every_cpu_and_not_as_int8(flags: list[str]) -> None:
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, FP8_DYNAMIC, 1_800_000_000)
+    assert out["quantization"] == "compressed-tensors w8a8 fp8"
+    assert out["problems"] == []
+    assert out["warnings"] == []  # the int8 warning is about oneDNN's int8 gemm, not FP8
+    assert out["weights_gib"] == round(1_800_000_000 / GIB, 2)
+
+
+def test_fp8_blocks_need_amx_and_bf16_activations() -> None:
+    out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, FP8_BLOCK, 1_800_000_000)
+    assert out["quantization"] == "fp8 w8a8 block"
+    assert any("need AMX" in p and "amx_tile" in p for p in out["problems"])
+    assert any("bfloat16 or float16 activations, not float32" in p for p in out["problems"])
+    assert tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, FP8_BLOCK, 10**9)["problems"] == []
+    fp32 = tuning.vllm_tuning({**AUTO, "dtype": "float32"}, AMX, _cpus(1, 16), 32768, FP8_BLOCK, 1)
+    assert [p for p in fp32["problems"] if "activations" in p]
+
+
+@pytest.mark.parametrize("flags", [AVX2, AMX])
+def test_fp8_with_one_scale_per_tensor_is_refused_everywhere(flags: list[str]) -> None:
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, FP8_PER_TENSOR, 1_800_000_000)
+    assert any(
+        "one scale per tensor" in p and "static_scaled_fp8_quant" in p for p in out["problems"]
+    )
+    per_tensor_fp8_method = {**FP8_BLOCK, "quantization_config": {"quant_method": "fp8"}}
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, per_tensor_fp8_method, 10**9)
+    assert any("one scale per tensor" in p for p in out["problems"])
+
+
+def test_float_weights_other_than_fp8_are_refused() -> None:
+    nvfp4 = _fp8_compressed("tensor_group")
+    nvfp4["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+    out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, nvfp4, 10**9)
+    assert any("4-bit float is not one this role serves" in p for p in out["problems"])
+
+
 def test_unquantized_models_are_unchanged() -> None:
     out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS)
     assert out["quantization"] == "none"
