@@ -172,7 +172,15 @@ INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
-    if quant is None or quant["weight_type"] != "int":
+    if quant is None:
+        return []
+    if quant["weight_type"] == "float" and "avx512f" not in flags:
+        return [
+            "FP8 is very slow on this CPU: without AVX-512 vLLM 0.32 runs FP8 layers through"
+            " torch's generic FP8 matmul (on an AVX2-only host 0.09 tok/s for one stream,"
+            " benchmarks/README.md); serve the unquantized checkpoint here"
+        ]
+    if quant["weight_type"] != "int":
         return []
     if (quant["weight_bits"], quant["activation_bits"]) != (8, 8):
         return []
