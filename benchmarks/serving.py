@@ -54,11 +54,19 @@ FLAGS_OF_INTEREST = (
 GIB = 1024**3
 # --precision: the fixture's quantization of the preset for vLLM (make_tiny_qwen2.py --quant) and
 # the GGUF type llama.cpp's converter makes from the bf16 model (None: the weights' own precision)
-PRECISIONS = {"bf16": ("none", None), "int8": ("w8a8", "q8_0"), "int4": ("gptq-int4", "q4_k_m")}
+PRECISIONS = {
+    "bf16": ("none", None),
+    "int8": ("w8a8", "q8_0"),
+    "fp8": ("fp8-dynamic", "q8_0"),
+    "int4": ("gptq-int4", "q4_k_m"),
+}
 # what each side serves at that precision (the summary's model line)
 PRECISION_TEXT = {
     "int8": "vLLM serves this shape in compressed-tensors W8A8 int8, llama.cpp the bf16 model"
     " converted to GGUF Q8_0",
+    "fp8": "vLLM serves this shape in compressed-tensors FP8 (float8 e4m3 weights, one scale per"
+    " output channel, per-token activations: llm-compressor's FP8_DYNAMIC), llama.cpp the bf16"
+    " model converted to GGUF Q8_0",
     "int4": "vLLM serves this shape in GPTQ 4-bit (group 128, float16 scales), llama.cpp the bf16"
     " model converted to GGUF and quantized to Q4_K_M",
 }
@@ -81,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(PRECISIONS),
         default="bf16",
         help="int8: vLLM serves the preset's model in compressed-tensors W8A8 int8, llama.cpp the"
-        " same shape as GGUF Q8_0 (summary in serving-int8.md); int4: GPTQ 4-bit against GGUF"
+        " same shape as GGUF Q8_0 (summary in serving-int8.md); fp8: compressed-tensors FP8"
+        " (per-channel scales) against Q8_0 (serving-fp8.md); int4: GPTQ 4-bit against GGUF"
         " Q4_K_M (serving-int4.md)",
     )
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")
@@ -602,9 +611,9 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
         "",
         "Ceiling = the best bandwidth measured / bytes read per decoded token (every weight at the"
         " dtype the server computes in, or as stored when quantized: Q8_0 34 bytes per 32"
-        " weights, Q4_K_M its GGUF tensors, W8A8 and GPTQ their weight files; the tied embedding"
-        " matrix as the output projection, plus the KV cache of the context). Start-up: from an"
-        " empty cache folder (the first start of each configuration in a session); with"
+        " weights, Q4_K_M its GGUF tensors, W8A8, FP8 and GPTQ their weight files; the tied"
+        " embedding matrix as the output projection, plus the KV cache of the context). Start-up:"
+        " from an empty cache folder (the first start of each configuration in a session); with"
         " --restart-each-run later starts reuse the caches.",
         "",
         "Command: `" + session["command"] + "`",
