@@ -54,54 +54,92 @@ INT4_ACTIVATION_DTYPES = ("bfloat16", "float16", "half")
 # such checkpoints fail to load on every CPU. vLLM's "fp8" method takes bf16 or fp16 activations.
 FP8_BLOCK_NEEDS_FLAG = "amx_tile"
 FP8_METHOD_ACTIVATION_DTYPES = ("bfloat16", "float16", "half")
+FP8_BLOCK_K, FP8_BLOCK_N_MULTIPLE = 128, 32
+
+
+def _ct_scheme(group: dict[str, Any]) -> dict[str, Any]:
+    """One compressed-tensors config group, read with compressed-tensors' own defaults: 8-bit
+    integers, and without a strategy, per group if group_size > 0, per channel if it is -1, else
+    one scale per tensor."""
+    weights = group.get("weights") or {}
+    acts = group.get("input_activations") or {}
+    strategy = weights.get("strategy")
+    if strategy is None:
+        size = weights.get("group_size")
+        strategy = "tensor" if size is None else "channel" if size == -1 else "group"
+    return {
+        "weight_bits": int(weights.get("num_bits") or 8),
+        "activation_bits": int(acts.get("num_bits") or 8) if acts else None,
+        "weight_type": str(weights.get("type") or "int").lower(),
+        "strategy": str(strategy).lower(),
+        "block": list(weights.get("block_structure") or []),
+    }
 
 
 def quantization(model_config: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint's quantization (None: not quantized): method, weight and activation bits,
-    whether the weights are integers or floats, and how their scales are laid out."""
+    """The checkpoint's quantization (None: not quantized): its method and its schemes, one per
+    distinct compressed-tensors config group, each with its weight and activation bits, whether
+    the weights are integers or floats, and how their scales are laid out."""
     text = model_config.get("text_config", model_config)
     q = model_config.get("quantization_config") or text.get("quantization_config")
     if not q:
         return None
     method = str(q.get("quant_method", "")).lower()
-    weight_bits = q.get("bits", q.get("w_bit"))
-    act_bits = None
-    weight_type, strategy = "int", "group"
     if method == "compressed-tensors":
-        for group in (q.get("config_groups") or {}).values():
-            weights = group.get("weights") or {}
-            weight_bits = weights.get("num_bits", weight_bits)
-            weight_type = str(weights.get("type", weight_type)).lower()
-            strategy = str(weights.get("strategy", strategy)).lower()
-            act_bits = (group.get("input_activations") or {}).get("num_bits", act_bits)
+        groups = (q.get("config_groups") or {}).values()
+        schemes = [_ct_scheme(group) for group in groups if isinstance(group, dict)]
     elif method == "fp8":
-        weight_bits, act_bits, weight_type = 8, 8, "float"
-        strategy = "block" if q.get("weight_block_size") else "tensor"
+        block = list(q.get("weight_block_size") or [])
+        strategy = "block" if block else "tensor"
+        schemes = [_scheme(8, 8, "float", strategy, block)]
+    else:
+        bits = q.get("bits", q.get("w_bit"))
+        schemes = [_scheme(int(bits) if bits is not None else None, None, "int", "group", [])]
+    unique = [scheme for i, scheme in enumerate(schemes) if scheme not in schemes[:i]]
+    return {"method": method, "schemes": unique}
+
+
+def _scheme(
+    weight_bits: int | None, act_bits: int | None, weight_type: str, strategy: str, block: list
+) -> dict[str, Any]:
     return {
-        "method": method,
-        "weight_bits": int(weight_bits) if weight_bits is not None else None,
-        "activation_bits": int(act_bits) if act_bits is not None else None,
+        "weight_bits": weight_bits,
+        "activation_bits": act_bits,
         "weight_type": weight_type,
         "strategy": strategy,
+        "block": block,
     }
+
+
+def _scheme_label(method: str, scheme: dict[str, Any]) -> str:
+    act = f"a{scheme['activation_bits']}" if scheme["activation_bits"] else ""
+    label = f"w{scheme['weight_bits']}{act}"
+    if scheme["weight_type"] == "float":
+        label += "" if method == "fp8" else " fp8"
+        label += " block" if scheme["strategy"] == "block" else ""
+    return label
 
 
 def quantization_label(quant: dict[str, Any] | None) -> str:
     """The quantization as the tuning reports it: "none", or e.g. "compressed-tensors w8a8",
-    "compressed-tensors w8a8 fp8", "fp8 w8a8 block"."""
+    "compressed-tensors w8a8 fp8", "fp8 w8a8 block", or "compressed-tensors w4 + w8a8" for a
+    checkpoint whose config groups differ."""
     if quant is None:
         return "none"
-    act = f"a{quant['activation_bits']}" if quant["activation_bits"] else ""
-    label = f"{quant['method']} w{quant['weight_bits']}{act}"
-    if quant["weight_type"] == "float":
-        label += "" if quant["method"] == "fp8" else " fp8"
-        label += " block" if quant["strategy"] == "block" else ""
-    return label
+    schemes = " + ".join(_scheme_label(quant["method"], s) for s in quant["schemes"])
+    return f"{quant['method']} {schemes}".strip()
 
 
-def _fp8_problems(quant: dict[str, Any], flags: list[str], dtype: str) -> list[str]:
-    """Why this host cannot serve the FP8 checkpoint as configured (empty: it can)."""
-    method, strategy = quant["method"], quant["strategy"]
+def _fp8_problems(method: str, scheme: dict[str, Any], flags: list[str], dtype: str) -> list[str]:
+    """Why this host cannot serve these FP8 weights as configured (empty: it can)."""
+    strategy = scheme["strategy"]
+    if scheme["activation_bits"] is None:
+        return [
+            "FP8 weights with unquantized activations (weight-only FP8, W8A16) have no CPU kernel"
+            " in vLLM 0.32 (its W8A16 FP8 kernel list is empty for CPUs); serve an FP8 checkpoint"
+            " with dynamic FP8 activations and one scale per output channel (llm-compressor's"
+            " FP8_DYNAMIC), W8A8 int8 or unquantized"
+        ]
     if strategy not in ("channel", "block"):
         return [
             f"FP8 weights with one scale per {strategy} cannot be loaded by vLLM 0.32 on CPUs: it"
@@ -116,6 +154,12 @@ def _fp8_problems(quant: dict[str, Any], flags: list[str], dtype: str) -> list[s
             " (fp8_scaled_mm_cpu) use AMX tiles only, and this CPU has no amx_tile; serve an FP8"
             " checkpoint with one scale per output channel, W8A8 int8 or unquantized"
         )
+    if strategy == "block" and not _fp8_block_fits(scheme["block"]):
+        problems.append(
+            f"FP8 blocks of {scheme['block']} (output x input) do not fit vLLM 0.32's CPU kernel,"
+            f" which takes blocks of {FP8_BLOCK_K} input channels by a multiple of"
+            f" {FP8_BLOCK_N_MULTIPLE} output channels (e.g. Qwen3's [128, 128])"
+        )
     if method == "fp8" and dtype not in FP8_METHOD_ACTIVATION_DTYPES:
         problems.append(
             f"vLLM 0.32's fp8 method takes bfloat16 or float16 activations, not {dtype}"
@@ -124,26 +168,31 @@ def _fp8_problems(quant: dict[str, Any], flags: list[str], dtype: str) -> list[s
     return problems
 
 
-def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype: str) -> list[str]:
-    """Why this host cannot serve the quantized checkpoint as configured (empty: it can)."""
-    if quant is None:
-        return []
-    method, bits, act = quant["method"], quant["weight_bits"], quant["activation_bits"]
-    if quant["weight_type"] == "float" and bits == 8:
-        return _fp8_problems(quant, flags, dtype)
+def _fp8_block_fits(block: list) -> bool:
+    if len(block) != 2 or not all(isinstance(n, int) and n > 0 for n in block):
+        return False
+    return block[1] == FP8_BLOCK_K and block[0] % FP8_BLOCK_N_MULTIPLE == 0
+
+
+def _scheme_problems(method: str, scheme: dict[str, Any], flags: list[str], dtype: str) -> list:
+    """Why this host cannot serve one scheme of the checkpoint as configured (empty: it can)."""
+    bits, act, kind = scheme["weight_bits"], scheme["activation_bits"], scheme["weight_type"]
+    if kind == "float" and bits == 8:
+        return _fp8_problems(method, scheme, flags, dtype)
     known = method in ("awq", "gptq") or (
-        method == "compressed-tensors" and bits in (4, 8) and quant["weight_type"] == "int"
+        method == "compressed-tensors" and bits in (4, 8) and kind == "int"
     )
     if not known:
-        float_note = f" {bits}-bit float" if quant["weight_type"] == "float" else ""
+        what = f"{bits}-bit {kind} weights" if method == "compressed-tensors" else "it"
         return [
-            f"quantization {method!r}{float_note} is not one this role serves on x86 CPUs with"
+            f"quantization {method!r} ({what}) is not one this role serves on x86 CPUs with"
             " vLLM 0.32 (AWQ and GPTQ 4-bit, compressed-tensors W4A16 and W8A8 int8, FP8 with"
             " per-channel or block scales)"
         ]
-    if method in ("awq", "gptq") and bits != 4:
+    if bits != 4 and act is None:
+        name = method.upper() if method in ("awq", "gptq") else f"{method} W{bits}A16"
         return [
-            f"{method.upper()} {bits}-bit weights have no CPU kernel in vLLM 0.32 (its"
+            f"{name} {bits}-bit weights have no CPU kernel in vLLM 0.32 (its"
             " mixed-precision kernel takes 4-bit weights only): serve the 4-bit checkpoint, or a"
             " compressed-tensors W8A8 int8 one"
         ]
@@ -163,6 +212,24 @@ def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype:
     return problems
 
 
+def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype: str) -> list[str]:
+    """Why this host cannot serve the quantized checkpoint as configured (empty: it can): the
+    problems of each of its schemes, each said once."""
+    if quant is None:
+        return []
+    if not quant["schemes"]:
+        return [
+            f"quantization {quant['method']!r} without config_groups: nothing says how its"
+            " weights are stored"
+        ]
+    problems: list[str] = []
+    for scheme in quant["schemes"]:
+        for problem in _scheme_problems(quant["method"], scheme, flags, dtype):
+            if problem not in problems:
+                problems.append(problem)
+    return problems
+
+
 # On a CPU with AVX2 but neither AVX-512 nor an int8 dot-product instruction (VNNI, AMX's int8
 # tiles) oneDNN ran W8A8 layers in its reference int8 gemm: on an AMD EPYC of that kind 55 % of a
 # decode step went to its compensation term, and vLLM decoded 11x slower than llama.cpp's Q8_0 on
@@ -172,26 +239,26 @@ INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
-    if quant is None:
-        return []
-    if quant["weight_type"] == "float" and "avx512f" not in flags:
-        return [
+    schemes = quant["schemes"] if quant else []
+    warnings = []
+    if any(s["weight_type"] == "float" for s in schemes) and "avx512f" not in flags:
+        warnings.append(
             "FP8 is very slow on this CPU: without AVX-512 vLLM 0.32 runs FP8 layers through"
             " torch's generic FP8 matmul (on an AVX2-only host 0.09 tok/s for one stream,"
             " benchmarks/README.md); serve the unquantized checkpoint here"
-        ]
-    if quant["weight_type"] != "int":
-        return []
-    if (quant["weight_bits"], quant["activation_bits"]) != (8, 8):
-        return []
-    if set(INT8_FAST_FLAGS) & set(flags):
-        return []
-    return [
-        "W8A8 int8 is slow on this CPU: it has none of"
-        f" {', '.join(INT8_FAST_FLAGS)}, and there oneDNN runs its reference int8 gemm (on an"
-        " AVX2-only host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md);"
-        " serve the unquantized checkpoint here"
-    ]
+        )
+    int8 = any(
+        s["weight_type"] == "int" and (s["weight_bits"], s["activation_bits"]) == (8, 8)
+        for s in schemes
+    )
+    if int8 and not set(INT8_FAST_FLAGS) & set(flags):
+        warnings.append(
+            "W8A8 int8 is slow on this CPU: it has none of"
+            f" {', '.join(INT8_FAST_FLAGS)}, and there oneDNN runs its reference int8 gemm (on an"
+            " AVX2-only host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md);"
+            " serve the unquantized checkpoint here"
+        )
+    return warnings
 
 
 def _number(value: object, fallback: int) -> int:

@@ -284,7 +284,88 @@ def test_float_weights_other_than_fp8_are_refused() -> None:
     nvfp4 = _fp8_compressed("tensor_group")
     nvfp4["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 4
     out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, nvfp4, 10**9)
-    assert any("4-bit float is not one this role serves" in p for p in out["problems"])
+    assert any("(4-bit float weights) is not one this role serves" in p for p in out["problems"])
+
+
+def _groups(*groups: dict | None) -> dict:
+    config_groups = {f"group_{i}": group for i, group in enumerate(groups)}
+    config = {"quant_method": "compressed-tensors", "config_groups": config_groups}
+    return {**QWEN_1_5B, "quantization_config": config}
+
+
+def _group(config: dict) -> dict:
+    return config["quantization_config"]["config_groups"]["group_0"]
+
+
+def test_weight_only_fp8_has_no_cpu_kernel() -> None:
+    weights = {"num_bits": 8, "type": "float", "strategy": "channel"}
+    out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, _groups({"weights": weights}), 10**9)
+    assert out["quantization"] == "compressed-tensors w8 fp8"
+    assert any("weight-only FP8" in p and "no CPU kernel" in p for p in out["problems"])
+
+
+def test_every_config_group_is_checked_not_only_the_last() -> None:
+    w4a16 = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}
+    mixed = _groups(w4a16, _group(W8A8))
+    out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, mixed, 10**9)
+    assert out["quantization"] == "compressed-tensors w4 + w8a8"
+    assert any("4-bit weights need AVX-512" in p for p in out["problems"])
+    assert any("W8A8 int8 is slow" in w for w in out["warnings"])
+    # a per-tensor FP8 group is refused whichever group comes last
+    groups = (_group(FP8_PER_TENSOR), _group(FP8_DYNAMIC))
+    for order in (groups, groups[::-1]):
+        out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, _groups(*order), 10**9)
+        assert any("one scale per tensor" in p for p in out["problems"])
+    # identical groups are one scheme; a null group is no scheme
+    same = _groups(_group(W8A8), None, _group(W8A8))
+    assert tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 16), 32768, same, 10**9)["quantization"] == (
+        "compressed-tensors w8a8"
+    )
+
+
+def test_compressed_tensors_defaults_are_its_own() -> None:
+    # no strategy and no group_size: compressed-tensors means one scale per tensor
+    fp8 = _fp8_compressed("channel")
+    del _group(fp8)["weights"]["strategy"]
+    out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, fp8, 10**9)
+    assert any("one scale per tensor" in p for p in out["problems"])
+    _group(fp8)["weights"]["group_size"] = -1  # -1: per output channel
+    assert tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, fp8, 10**9)["problems"] == []
+    # no num_bits: 8, so float weights without it are FP8
+    del _group(fp8)["weights"]["num_bits"]
+    out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, fp8, 10**9)
+    assert (out["quantization"], out["problems"]) == ("compressed-tensors w8a8 fp8", [])
+
+
+def test_8_bit_integer_weights_without_int8_activations_have_no_cpu_kernel() -> None:
+    w8a16 = _groups({"weights": {"num_bits": 8, "type": "int", "strategy": "channel"}})
+    out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, w8a16, 10**9)
+    assert any("W8A16 8-bit weights have no CPU kernel" in p for p in out["problems"])
+
+
+@pytest.mark.parametrize(
+    ("block", "fits"),
+    [([128, 128], True), ([32, 128], True), ([64, 64], False), ([100, 128], False), ([], False)],
+)
+def test_fp8_blocks_must_fit_the_cpu_kernel(block: list[int], fits: bool) -> None:
+    amx_tile_only = [*AVX512, "amx_tile"]  # the block kernel asks for AMX tiles, nothing more
+    fp8_method = {**FP8_BLOCK, "quantization_config": {"quant_method": "fp8"}}
+    fp8_method["quantization_config"]["weight_block_size"] = block
+    ct_block = _fp8_compressed("block")
+    _group(ct_block)["weights"]["block_structure"] = block
+    for config in (fp8_method, ct_block) if block else (ct_block,):
+        out = tuning.vllm_tuning(AUTO, amx_tile_only, _cpus(1, 16), 32768, config, 10**9)
+        assert bool(out["problems"]) is not fits, out["problems"]
+        if not fits:
+            assert any("do not fit vLLM 0.32's CPU kernel" in p for p in out["problems"])
+    out = tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 16), 32768, ct_block, 10**9)
+    assert out["quantization"] == "compressed-tensors w8a8 fp8 block"
+    assert any("need AMX" in p for p in out["problems"])
+
+
+def test_compressed_tensors_without_config_groups_is_refused() -> None:
+    out = tuning.vllm_tuning(AUTO, AMX, _cpus(1, 16), 32768, _groups(), 10**9)
+    assert any("without config_groups" in p for p in out["problems"])
 
 
 def test_unquantized_models_are_unchanged() -> None:
