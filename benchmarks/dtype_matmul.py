@@ -7,7 +7,12 @@ once per ISA cap to see what an older CPU would do, e.g.:
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/dtype_matmul.py
     python benchmarks/dtype_matmul.py
 
-Prints one JSON line per (dtype, M): median time over 20 runs and the weight bandwidth it implies.
+FP8 (float8_e4m3fn weights) is timed as vLLM 0.32 runs a per-channel FP8 layer on a CPU without
+AMX-FP8 (ChannelWiseTorchFP8ScaledMMLinearKernel): torch._scaled_mm of the FP8 token and weights
+into float32, for M=1 only (the prompt size takes minutes there).
+
+Prints one JSON line per (dtype, M): median time over 20 runs and the weight bandwidth it implies,
+with the CPU's model and instruction sets.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -33,15 +39,38 @@ def median_seconds(fn: Callable[[], object], runs: int = 20) -> float:
     return statistics.median(times)
 
 
+def cpu() -> dict[str, object]:
+    """The CPU's model and the instruction sets that decide these kernels."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
+    )
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return {"cpu_model": model, "flags": sorted(f for f in flags if f.startswith(("avx", "amx")))}
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """vLLM 0.32's ChannelWiseTorchFP8ScaledMMLinearKernel, without its scales' multiply."""
+    one = torch.ones(1, dtype=torch.float32)
+    return torch._scaled_mm(x, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+
+
 def main() -> None:
     """Time the layer in each dtype and print the results."""
     torch.manual_seed(0)
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    for dtype in (torch.float32, torch.bfloat16):
-        weight = torch.randn(8960, 1536).to(dtype)
-        for m in (1, 512):
+    host = cpu()
+    for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
+        weight = (torch.randn(8960, 1536) * 0.05).to(dtype)
+        for m in (1,) if dtype == torch.float8_e4m3fn else (1, 512):
             x = torch.randn(m, 1536).to(dtype)
-            seconds = median_seconds(lambda x=x, w=weight: torch.nn.functional.linear(x, w))
+            if dtype == torch.float8_e4m3fn:
+                fn = lambda x=x, w=weight: fp8_linear(x, w)  # noqa: E731
+            else:
+                fn = lambda x=x, w=weight: torch.nn.functional.linear(x, w)  # noqa: E731
+            seconds = median_seconds(fn)
             weight_bytes = weight.numel() * weight.element_size()
             print(
                 json.dumps(
@@ -52,6 +81,7 @@ def main() -> None:
                         "m": m,
                         "median_ms": round(seconds * 1000, 3),
                         "weight_gb_per_s": round(weight_bytes / seconds / 1e9, 1),
+                        **host,
                     }
                 )
             )

@@ -237,15 +237,23 @@ def quantization_problems(quant: dict[str, Any] | None, flags: list[str], dtype:
 INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
+# FP8 layers with one scale per channel: vLLM 0.32's CPU kernels for them need AMX-FP8; elsewhere it
+# runs torch._scaled_mm's generic code (ChannelWiseTorchFP8ScaledMMLinearKernel). Measured slow on
+# AVX2 (served) and on AVX-512 with BF16 (benchmarks/dtype_matmul.py); AMX hosts were not measured,
+# so they get no warning.
+FP8_MEASURED_SLOW_WITHOUT = "amx_tile"
+
+
 def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
     schemes = quant["schemes"] if quant else []
     warnings = []
-    if any(s["weight_type"] == "float" for s in schemes) and "avx512f" not in flags:
+    if any(s["weight_type"] == "float" for s in schemes) and FP8_MEASURED_SLOW_WITHOUT not in flags:
         warnings.append(
-            "FP8 is very slow on this CPU: without AVX-512 vLLM 0.32 runs FP8 layers through"
-            " torch's generic FP8 matmul (on an AVX2-only host 0.09 tok/s for one stream,"
-            " benchmarks/README.md); serve the unquantized checkpoint here"
+            "FP8 is very slow on this CPU: without AMX vLLM 0.32 runs FP8 layers through"
+            " torch's generic FP8 matmul (0.09 tok/s for one stream on an AVX2-only host; on an"
+            " AVX-512-BF16 host a layer took 40x as long as in bf16, benchmarks/README.md);"
+            " serve the unquantized checkpoint here"
         )
     int8 = any(
         s["weight_type"] == "int" and (s["weight_bits"], s["activation_bits"]) == (8, 8)
