@@ -76,6 +76,13 @@ def cpu_flags(host) -> list[str]:
     return host.check_output("grep -m1 '^flags' /proc/cpuinfo").split()
 
 
+def zen_cpu(host) -> bool:
+    """vLLM 0.32's rule for its ZenDNN path (_is_amd_zen_cpu): an AMD CPU whose /proc/cpuinfo says
+    avx512. There the vllm_install role installs zentorch (vllm_install_zendnn, its default)."""
+    cpuinfo = host.file("/proc/cpuinfo").content_string
+    return "AuthenticAMD" in cpuinfo and "avx512" in cpuinfo
+
+
 # the copy cpuinfo_without mounts over /proc/cpuinfo (its presence: a killed test left it mounted)
 CPUINFO_COPY = "/run/cpuinfo-without-flags"
 

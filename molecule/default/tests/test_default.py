@@ -13,7 +13,7 @@ from base64 import b64decode
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import api, api_key
+from helpers import api, api_key, zen_cpu
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -115,6 +115,18 @@ def test_unit_is_enabled_active_and_runs_as_the_service_user(host) -> None:
     pid = host.check_output("systemctl show --property MainPID --value vllm")
     assert int(pid) > 0
     assert host.check_output("ps -o user= -p %s", pid) == "vllm"
+
+
+def test_the_server_runs_on_zendnn_exactly_on_an_amd_cpu_with_avx512(host) -> None:
+    # vllm_install_zendnn (default true) installs zentorch where vLLM 0.32 takes its ZenDNN path;
+    # vLLM loads zentorch's library there and only there. Read from the running server's memory
+    # maps, whatever kind of CPU runs the test.
+    zen = zen_cpu(host)
+    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    pids = [pid, *host.run("ps -o pid= --ppid %s", pid).stdout.split()]
+    maps = "".join(host.file(f"/proc/{p}/maps").content_string for p in pids)
+    installed = host.run("/opt/vllm/venv/bin/python -m pip show --quiet zentorch").rc == 0
+    assert (installed, "libzentorch.so" in maps) == (zen, zen)
 
 
 def test_unit_file_passes_systemd_analyze_verify(host) -> None:
