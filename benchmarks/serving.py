@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if "tuned" in args.configs:
         # as roles/vllm_install does (vllm_install_zendnn): zentorch where vLLM takes it
         zendnn = () if args.no_zendnn else artifacts.zendnn_requirements(facts)
-        tuned_python = artifacts.ensure_vllm_venv((*args.vllm_extra, *zendnn))
+        tuned_python = artifacts.ensure_vllm_venv(tuple(dict.fromkeys((*args.vllm_extra, *zendnn))))
     llama_dir = gguf = gguf_type = None
     if "llamacpp" in args.configs:
         llama_dir = artifacts.ensure_llama_server(jobs, without_amx)

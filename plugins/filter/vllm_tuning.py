@@ -239,8 +239,8 @@ INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 # FP8 layers with one scale per channel: vLLM 0.32's CPU kernels for them need AMX-FP8; elsewhere it
 # runs torch._scaled_mm's generic code (ChannelWiseTorchFP8ScaledMMLinearKernel). Measured slow on
-# AVX2 (served) and on AVX-512 with BF16 (benchmarks/dtype_matmul.py); AMX hosts were not measured,
-# so they get no warning.
+# AVX2 (served) and on AVX-512 with BF16 (benchmarks/dtype_matmul.py). AMX CPUs (Sapphire Rapids on)
+# take the same torch path but were not measured (oneDNN's FP8 support may differ): no warning.
 FP8_MEASURED_SLOW_WITHOUT = "amx_tile"
 
 

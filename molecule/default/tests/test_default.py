@@ -123,6 +123,7 @@ def test_the_server_runs_on_zendnn_exactly_on_an_amd_cpu_with_avx512(host) -> No
     # maps, whatever kind of CPU runs the test.
     zen = zen_cpu(host)
     pid = host.check_output("systemctl show --property MainPID --value vllm")
+    assert int(pid) > 0, "vllm is not running"
     pids = [pid, *host.run("ps -o pid= --ppid %s", pid).stdout.split()]
     maps = "".join(host.file(f"/proc/{p}/maps").content_string for p in pids)
     installed = host.run("/opt/vllm/venv/bin/python -m pip show --quiet zentorch").rc == 0
