@@ -180,8 +180,10 @@ def main() -> None:
         sys.exit("py-spy is missing: run it with the tool environment (make bench-venv)")
     procs.raise_on_signals()
     model = artifacts.ensure_model("qwen2.5-1.5b-instruct", PRECISIONS[args.precision][0])
-    vllm_python = artifacts.ensure_vllm_venv()
     facts = configs.host_facts()
+    # the tuned service as the role installs it: with zentorch where vLLM takes its ZenDNN path
+    zendnn = artifacts.zendnn_requirements(facts)
+    vllm_python = artifacts.ensure_vllm_venv(zendnn)
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     state = BENCH_CACHE / "state" / f"profile-{session}"
@@ -223,6 +225,7 @@ def main() -> None:
         "git": git_state(),
         "host": host_record(facts),
         "settings": config.settings,
+        "vllm_extra": list(zendnn),  # zentorch's pins where vLLM takes its ZenDNN path
         "process": args.process,
         "precision": args.precision,
         "tokens_per_request": args.tokens,
