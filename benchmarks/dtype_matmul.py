@@ -22,9 +22,9 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from servebench import configs
 
 
 def median_seconds(fn: Callable[[], object], runs: int = 20) -> float:
@@ -39,18 +39,6 @@ def median_seconds(fn: Callable[[], object], runs: int = 20) -> float:
     return statistics.median(times)
 
 
-def cpu() -> dict[str, object]:
-    """The CPU's model and the instruction sets that decide these kernels."""
-    text = Path("/proc/cpuinfo").read_text()
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
-    )
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
-    return {"cpu_model": model, "flags": sorted(f for f in flags if f.startswith(("avx", "amx")))}
-
-
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """vLLM 0.32's ChannelWiseTorchFP8ScaledMMLinearKernel, without its scales' multiply."""
     one = torch.ones(1, dtype=torch.float32)
@@ -61,7 +49,11 @@ def main() -> None:
     """Time the layer in each dtype and print the results."""
     torch.manual_seed(0)
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    host = cpu()
+    facts = configs.host_facts()  # the CPU's model and the instruction sets these kernels use
+    host = {
+        "cpu_model": facts["cpu_model"],
+        "flags": sorted(f for f in facts["flags"] if f.startswith(("avx", "amx"))),
+    }
     for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
         weight = (torch.randn(8960, 1536) * 0.05).to(dtype)
         for m in (1,) if dtype == torch.float8_e4m3fn else (1, 512):

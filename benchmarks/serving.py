@@ -670,12 +670,14 @@ def main(argv: list[str] | None = None) -> int:
     quant, outtype = PRECISIONS[args.precision]
     model = args.model.resolve() if args.model else artifacts.ensure_model(args.model_preset, quant)
     vllm_python = tuned_python = None
-    if {"recipe", "tuned"} & set(args.configs):
-        vllm_python = artifacts.ensure_vllm_venv(tuple(args.vllm_extra))
     if "tuned" in args.configs:
         # as roles/vllm_install does (vllm_install_zendnn): zentorch where vLLM takes it
         zendnn = () if args.no_zendnn else artifacts.zendnn_requirements(facts)
         tuned_python = artifacts.ensure_vllm_venv(tuple(dict.fromkeys((*args.vllm_extra, *zendnn))))
+    if "recipe" in args.configs:
+        vllm_python = artifacts.ensure_vllm_venv(tuple(args.vllm_extra))
+    # the bandwidth probe and the GGUF converter need torch: any of these venvs will do
+    vllm_python = vllm_python or tuned_python
     llama_dir = gguf = gguf_type = None
     if "llamacpp" in args.configs:
         llama_dir = artifacts.ensure_llama_server(jobs, without_amx)
