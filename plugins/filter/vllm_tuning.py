@@ -244,6 +244,16 @@ INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 FP8_MEASURED_SLOW_WITHOUT = "amx_tile"
 
 
+# AWQ and GPTQ 4-bit weights: with bf16 activations on an AMX CPU vLLM 0.32 runs them as W4A8
+# (int4_scaled_mm_cpu, VLLM_CPU_INT4_W4A8=1, measured 2.7x faster than its W4A16 kernel on an Intel
+# Xeon); elsewhere through its W4A16 kernel, cpu_gemm_wna16 (on AMD Zen too: zentorch's 4-bit GEMM
+# takes compressed-tensors' packing only). On an AMD EPYC with AVX-512 and BF16 but no AMX a GPTQ
+# 4-bit checkpoint decoded ~6 tok/s there: slower than bf16 and than W8A8 (11.4) on that kind of
+# host, 3.6x slower than llama.cpp's Q4_K_M (benchmarks/README.md). compressed-tensors W4A16, which
+# zentorch's GEMM does take on AMD Zen, was not measured: no warning.
+INT4_MEASURED_SLOW_WITHOUT = "amx_tile"
+
+
 def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
     schemes = quant["schemes"] if quant else []
@@ -265,6 +275,19 @@ def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> lis
             f" {', '.join(INT8_FAST_FLAGS)}, and there oneDNN runs its reference int8 gemm (on an"
             " AVX2-only host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md);"
             " serve the unquantized checkpoint here"
+        )
+    int4 = (
+        quant is not None
+        and quant["method"] in ("awq", "gptq")
+        and any(s["weight_bits"] == 4 and s["activation_bits"] is None for s in schemes)
+    )
+    if int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags:
+        warnings.append(
+            f"{quant['method'].upper()} 4-bit weights are slow on this CPU: without AMX vLLM 0.32"
+            " runs them through its W4A16 kernel (on an AMD EPYC with AVX-512 and BF16 a GPTQ"
+            " 4-bit checkpoint decoded"
+            " 3.6x slower than llama.cpp's Q4_K_M and slower than bf16, benchmarks/README.md);"
+            " serve a W8A8 int8 or the unquantized checkpoint here"
         )
     return warnings
 

@@ -216,6 +216,27 @@ def test_w8a8_without_an_int8_dot_product_is_served_with_a_warning(
         assert "unquantized" in out["warnings"][0]
 
 
+@pytest.mark.parametrize(
+    ("flags", "slow"),
+    [
+        (AVX2, False),  # refused there (no 4-bit kernel), not warned
+        (AVX512, True),
+        ([*AVX512, "avx512_bf16", "avx512_vnni"], True),  # the AMD EPYC it was measured on
+        ([*AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"], False),
+    ],
+)
+def test_awq_and_gptq_4bit_without_amx_are_served_with_a_warning(
+    flags: list[str], slow: bool
+) -> None:
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, AWQ, 1_100_000_000)
+    warned = [w for w in out["warnings"] if w.startswith("AWQ 4-bit weights are slow on this CPU")]
+    assert bool(warned) is slow
+    assert len(out["warnings"]) == len(warned)
+    if slow:
+        assert out["problems"] == []
+        assert "W8A8 int8 or the unquantized checkpoint" in warned[0]
+
+
 @pytest.mark.parametrize("config", [AWQ, QWEN_1_5B])
 def test_only_w8a8_gets_the_int8_warning(config: dict) -> None:
     out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, config, 1_800_000_000)
@@ -373,3 +394,16 @@ def test_unquantized_models_are_unchanged() -> None:
     out = tuning.vllm_tuning(AUTO, AVX2, _cpus(1, 16), 32768, QWEN_1_5B, QWEN_WEIGHTS)
     assert out["quantization"] == "none"
     assert out["weights_gib"] == round(QWEN_WEIGHTS * 2 / GIB, 2)
+
+
+def test_compressed_tensors_w4a16_gets_no_4bit_warning() -> None:
+    # zentorch's 4-bit GEMM takes this packing on AMD Zen: not measured, so not warned
+    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
+    config = {
+        "quant_method": "compressed-tensors",
+        "config_groups": {"group_0": {"weights": weights}},
+    }
+    w4a16 = {**QWEN_1_5B, "quantization_config": config}
+    out = tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 16), 32768, w4a16, 1_100_000_000)
+    assert out["problems"] == []
+    assert out["warnings"] == []

@@ -54,13 +54,17 @@ class Checkpoint:
     config: tuple[str, object]  # a key of its quantization_config and the value of that format
     needs: str | None  # the CPU flag its kernel needs (None: every x86 CPU vLLM 0.32 supports)
     refusal: str | None  # what the preflight says on a CPU without it
-    slow: str | None = None  # what the service stage warns on a CPU without an int8 dot product
+    slow: str | None = None  # what the service stage warns where this CPU runs it slowly:
+    fast_with: frozenset[str] = frozenset()  # on a CPU with none of these flags
 
     @property
     def name(self) -> str:
         return self.repo.split("/")[1]
 
 
+# AVX-512 or an int8 dot-product instruction (VNNI, AMX's int8 tiles): without any, W8A8 is served,
+# with a warning
+INT8_DOT_PRODUCT = frozenset({"avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
 CHECKPOINTS = {
     "w8a8": Checkpoint(
         repo="RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8",
@@ -70,6 +74,7 @@ CHECKPOINTS = {
         needs=None,
         refusal=None,
         slow="W8A8 int8 is slow on this CPU",
+        fast_with=INT8_DOT_PRODUCT,
     ),
     "gptq-int4": Checkpoint(
         repo="Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4",
@@ -79,11 +84,11 @@ CHECKPOINTS = {
         config=("checkpoint_format", "gptq"),
         needs="avx512f",
         refusal="gptq 4-bit weights need AVX-512",
+        # served where it runs (AVX-512), with a warning without AMX (its W4A8 path)
+        slow="GPTQ 4-bit weights are slow on this CPU",
+        fast_with=frozenset({"amx_tile"}),
     ),
 }
-# AVX-512 or an int8 dot-product instruction (VNNI, AMX's int8 tiles): without any, W8A8 is served,
-# with a warning
-INT8_DOT_PRODUCT = {"avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}
 # one server per checkpoint
 assert len(SERVERS) >= len(CHECKPOINTS), SERVERS
 PLACED = dict(zip(sorted(CHECKPOINTS), SERVERS, strict=False))
@@ -207,7 +212,7 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
     assert tuning and tuning.group(1) == checkpoint.tuning, done.out[-3000:]
     # a warning where this CPU runs it slowly, and only there
     warned = f"WARNING {PLACED[key]}: {checkpoint.slow}" in done.out if checkpoint.slow else False
-    slow = bool(checkpoint.slow) and not INT8_DOT_PRODUCT & set(cpu_flags(host))
+    slow = bool(checkpoint.slow) and not checkpoint.fast_with & set(cpu_flags(host))
     assert warned == slow, done.out[-3000:]
     # vLLM loaded it as that kind of checkpoint (the unit's journal)
     journal = host.check_output(
