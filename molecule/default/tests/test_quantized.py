@@ -13,9 +13,9 @@ not, the service stage must refuse it, saying why, before it changes anything. S
 runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
 without the AVX-512 flags (a bind mount, as LXCFS does for containers). W8A8 is served everywhere,
 with a warning where the CPU has neither AVX-512 nor an int8 dot product (VNNI, AMX); the same kind
-of mount shows that warning on every machine. The 4-bit one is served with a warning where the CPU
-has no AMX (vLLM's W4A16 kernel, measured slow). Afterwards the fleet's model is served again, and the
-checkpoints' folders (and the fleet cache's entries) go.
+of mount shows that warning on every machine. The 4-bit one is served with a warning where the
+CPU has no AMX (vLLM's W4A16 kernel, measured slow). Afterwards the fleet's model is served again,
+and the checkpoints' folders (and the fleet cache's entries) go.
 """
 
 from __future__ import annotations
