@@ -1,8 +1,7 @@
 """Read what a vLLM source tree (or a built wheel) declares, for the vllm_build role.
 
-The role asks the tree (laid out as vLLM 0.32's) for its version and build requirements instead
-of copying them, and checks the wheel it built. Standard library only (runs on the build host's
-Python); prints one JSON object.
+The role asks an sdist for its version before building, and checks the wheel it built. Standard
+library only (runs on the build host's Python); prints one JSON object.
 
     python3 vllm_source_facts.py source ROOT
     python3 vllm_source_facts.py wheel WHEEL
@@ -19,42 +18,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-BUILD_REQUIREMENTS = "requirements/build/cpu.txt"
 WHEEL_KERNEL = re.compile(r"^vllm/(_C(?:_AVX2|_AVX512)?)\.[^/]*so$")
 
 
-def requirement_lines(path: Path, seen: set[Path]) -> list[str]:
-    """Return the requirement lines of a file, following ``-r`` includes (pip options dropped)."""
-    if path in seen or not path.is_file():
-        return []
-    seen.add(path)
-    lines: list[str] = []
-    for raw in path.read_text().splitlines():
-        line = re.split(r"\s+#", raw, maxsplit=1)[0].strip()
-        include = re.match(r"^(?:-r|--requirement)\s*=?\s*(\S+)$", line)
-        if include:
-            lines += requirement_lines(path.parent / include.group(1), seen)
-        elif line and not line.startswith(("#", "-")):
-            lines.append(line)
-    return lines
-
-
-def pkg_info_version(root: Path) -> str | None:
-    """Return the version an sdist records in PKG-INFO, if the tree is an sdist."""
-    path = root / "PKG-INFO"
-    if not path.is_file():
-        return None
-    found = re.search(r"^Version:\s*(\S+)", path.read_text(), re.M)
-    return found.group(1) if found else None
-
-
 def source_facts(root: Path) -> dict[str, Any]:
-    """Describe a source tree: version (of an sdist) and build requirements."""
-    return {
-        "version": pkg_info_version(root),
-        "build_requirements_file": BUILD_REQUIREMENTS,
-        "build_requirements": requirement_lines(root / BUILD_REQUIREMENTS, set()),
-    }
+    """Describe a source tree: its version (an sdist's PKG-INFO; None for a git checkout)."""
+    path = root / "PKG-INFO"
+    found = re.search(r"^Version:\s*(\S+)", path.read_text(), re.M) if path.is_file() else None
+    return {"version": found.group(1) if found else None}
 
 
 def console_scripts(entry_points: str) -> list[str]:
