@@ -59,6 +59,7 @@ PRECISIONS = {
     "int8": ("w8a8", "q8_0"),
     "fp8": ("fp8-dynamic", "q8_0"),
     "int4": ("gptq-int4", "q4_k_m"),
+    "w4a16": ("w4a16", "q4_k_m"),
 }
 # what each side serves at that precision (the summary's model line)
 PRECISION_TEXT = {
@@ -69,6 +70,8 @@ PRECISION_TEXT = {
     " model converted to GGUF Q8_0",
     "int4": "vLLM serves this shape in GPTQ 4-bit (group 128, float16 scales), llama.cpp the bf16"
     " model converted to GGUF and quantized to Q4_K_M",
+    "w4a16": "vLLM serves this shape in compressed-tensors W4A16 (4-bit, group 128, bf16 scales and"
+    " activations), llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M",
 }
 MIB = 1024**2
 
@@ -91,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="int8: vLLM serves the preset's model in compressed-tensors W8A8 int8, llama.cpp the"
         " same shape as GGUF Q8_0 (summary in serving-int8.md); fp8: compressed-tensors FP8"
         " (per-channel scales) against Q8_0 (serving-fp8.md); int4: GPTQ 4-bit against GGUF"
-        " Q4_K_M (serving-int4.md)",
+        " Q4_K_M (serving-int4.md); w4a16: compressed-tensors W4A16 against Q4_K_M"
+        " (serving-w4a16.md)",
     )
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")
     ap.add_argument(

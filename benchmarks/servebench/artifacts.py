@@ -81,8 +81,8 @@ def publish(final: Path, build: Callable[[Path], None]) -> Path:
 def ensure_model(preset: str, quant: str = "none") -> Path:
     """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script;
     quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8,
-    "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are), "fp8-dynamic" in
-    compressed-tensors FP8 with per-channel scales."""
+    "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are), "w4a16" in
+    compressed-tensors W4A16, "fp8-dynamic" in compressed-tensors FP8 with per-channel scales."""
     script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"
 
     def build(tmp: Path) -> None:
