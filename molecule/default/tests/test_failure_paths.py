@@ -404,7 +404,10 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
     [kept] = [d for d in builds.iterdir() if (d / "build.json").is_file()]
     moved = builds / f"moved-aside-{kept.name}"
     saved = (kept / "build.json").read_text()
-    dist = BUILDER_HOST.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist")
+    # dist (the wheel), logs (a build writes one) and work (a fetch fills it), with mtimes
+    listing = "ls -l --time-style=+%s /var/lib/vllm-build/dist /var/lib/vllm-build/logs"
+    listing += " /var/lib/vllm-build/work"
+    dist = BUILDER_HOST.check_output(listing)
     try:
         kept.rename(moved)
         rc, out = _stage("vllm.yml", limit=BUILDER)
@@ -412,8 +415,8 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
         assert "to be built on" in out
         assert "Fetch the commit from git" not in out
         assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
-        # the same build id, the builder's wheel untouched, published again on the controller
-        assert BUILDER_HOST.check_output("ls -l --time-style=+%s /var/lib/vllm-build/dist") == dist
+        # the same build id, the builder's wheel and log untouched, nothing fetched, published again
+        assert BUILDER_HOST.check_output(listing) == dist
         assert (kept / "build.json").read_text() == saved
         wheels = list(moved.glob("*.whl"))
         assert wheels
