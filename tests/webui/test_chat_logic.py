@@ -267,6 +267,9 @@ def test_stopping_early_closes_the_stream(
     app: ModuleType, backend: Backend, recorder: Recorder
 ) -> None:
     client = _client(app, recorder.url_for(backend.api_base), backend.api_key)
+    # A long answer, paced as a CPU serving a real model streams: 200 tokens of the tiny test model
+    # had all arrived (with [DONE]) before the client's Stop in one CI run.
+    recorder.steer_next_answer()
     sampling = app.Sampling(max_tokens=200)
     reply = app.stream_reply(client, backend.model, app.build_messages("", [], "Hi"), sampling)
     assert next(reply)

@@ -7,10 +7,12 @@ small test machine busy, where a saturating load more than doubled the test's ti
 a restart through the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained
 at the gateway, restarted, gated and put back, the path every planned restart takes (a changed unit,
 environment or package). Every request must succeed and every answer be complete. When the first
-server is taken out of rotation, the controller sends it a long request of its own (4 answers of
-1,900 tokens, straight to its port, open to the controller as to a monitoring host): the drain must
-wait for it before the restart, and it must be answered in full. Nothing changes on the servers but
-their processes, so there is nothing to roll back. Traffic stays inside the test containers.
+server is taken out of rotation, the controller sends it long requests of its own (4 answers of
+1,900 tokens each, straight to its port, open to the controller as to a monitoring host), a new one
+every few seconds until the drain's wait begins, so that one is in flight when it first looks,
+however long the gateways took: the drain must wait for them before the restart, and each must be
+answered in full. Nothing changes on the servers but their processes, so there is nothing to roll
+back. Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ def load() -> Iterator[None]:
 
 
 LONG = {"n": 4, "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True}
+# Between two long requests: well under the length of one (it added 40 s to the test on an AVX2
+# host). A single request sent as the drain began once left the wait nothing to wait for in CI, most
+# likely because it had ended before the gateways had reloaded and the wait first looked.
+LONG_EVERY = 4
+DRAIN = "Take the server out of rotation at the gateways]"
+DRAIN_WAIT = "Wait until the server has no request running or waiting]"
 
 
 def _long_request(url: str, key: str, answer: dict) -> None:
@@ -90,33 +98,53 @@ def _long_request(url: str, key: str, answer: dict) -> None:
         answer["error"] = repr(error)
 
 
+def _long_requests(url: str, key: str, answers: list[dict], stop: threading.Event) -> None:
+    """LONG requests sent straight to a server, a new one every LONG_EVERY s until `stop` is set,
+    each in its own thread; returns when all have ended, each one's answer or error in `answers`."""
+    senders = []
+    while True:
+        answers.append({})
+        senders.append(threading.Thread(target=_long_request, args=(url, key, answers[-1])))
+        senders[-1].start()
+        if stop.wait(LONG_EVERY):
+            break
+    for sender in senders:
+        sender.join(600)
+
+
 def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     before = [server_state(host) for host in SERVERS]
     # the first batch: the first server in the inventory's order (molecule.yml), checked below
     first = RUNNER.get_hosts("vllm_servers")[0]
-    answer: dict = {}
-    target = (api(SERVERS[0]), api_key(SERVERS[0]), answer)  # SERVERS[0] is `first`
-    sender = threading.Thread(target=_long_request, args=target, daemon=True)
+    answers: list[dict] = []
+    waiting = threading.Event()  # the drain's wait has begun: no more long requests
+    target = (api(SERVERS[0]), api_key(SERVERS[0]), answers, waiting)  # SERVERS[0] is `first`
+    sender = threading.Thread(target=_long_requests, args=target, daemon=True)
 
     def on_drain(line: str) -> None:
-        if "Take the server out of rotation at the gateways]" in line and sender.ident is None:
+        if DRAIN in line and sender.ident is None:
             sender.start()
+        if DRAIN_WAIT in line:
+            waiting.set()
 
     # every server is drained, restarted, gated and put back in turn
     rolling = {"vllm_service_rolling_restart": True, "vllm_rollout_batch": 1}
     rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling, watch=on_drain)
     assert rc == 0, out[-3000:]
     assert sender.ident is not None, "no server was taken out of rotation"
+    waiting.set()  # (had the drain no wait, the requests would stop here)
     sender.join(600)
-    assert not sender.is_alive(), "the long request did not end within 10 minutes"
-    # the long request kept the first server's drain waiting, and was answered in full
-    drained_first = out.split("Take the server out of rotation at the gateways]", 1)[1]
+    assert not sender.is_alive(), "the long requests did not end within 10 minutes"
+    # the long requests kept the first server's drain waiting, and each was answered in full
+    drained_first = out.split(DRAIN, 1)[1]
     assert re.match(rf"[\s*]*included: \S+ for {re.escape(first)}\b", drained_first), out[-3000:]
-    waited = f"RETRYING: [{first}]: Wait until the server has no request running or waiting"
+    waited = f"RETRYING: [{first}]: {DRAIN_WAIT.rstrip(']')}"
     assert waited in out, out[-3000:]
-    assert "error" not in answer, answer
-    assert len(answer["choices"]) == LONG["n"], answer
-    assert answer["usage"]["completion_tokens"] == LONG["n"] * LONG["max_tokens"], answer["usage"]
+    for answer in answers:
+        assert "error" not in answer, answer
+        assert len(answer["choices"]) == LONG["n"], answer
+        usage = answer["usage"]
+        assert usage["completion_tokens"] == LONG["n"] * LONG["max_tokens"], usage
     asked = "is to restart (vllm_service_rolling_restart): restart it"
     assert out.count(asked) == len(SERVERS), out[-3000:]
     for name in RUNNER.get_hosts("vllm_servers"):
