@@ -244,17 +244,24 @@ INT8_FAST_FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 FP8_MEASURED_SLOW_WITHOUT = "amx_tile"
 
 
-# AWQ and GPTQ 4-bit weights: with bf16 activations on an AMX CPU vLLM 0.32 runs them as W4A8
+# 4-bit weights: with bf16 activations on an AMX CPU vLLM 0.32 runs AWQ and GPTQ as W4A8
 # (int4_scaled_mm_cpu, VLLM_CPU_INT4_W4A8=1, measured 2.7x faster than its W4A16 kernel on an Intel
-# Xeon); elsewhere through its W4A16 kernel, cpu_gemm_wna16 (on AMD Zen too: zentorch's 4-bit GEMM
-# takes compressed-tensors' packing only). On an AMD EPYC with AVX-512 and BF16 but no AMX a GPTQ
-# 4-bit checkpoint decoded ~6 tok/s there: slower than bf16 and than W8A8 (11.4) on that kind of
-# host, 3.6x slower than llama.cpp's Q4_K_M (benchmarks/README.md). compressed-tensors W4A16, which
-# zentorch's GEMM does take on AMD Zen, served 16 streams there 2.3x faster than Q4_K_M: no warning.
+# Xeon); elsewhere through its W4A16 kernel, cpu_gemm_wna16. On an AMD EPYC with AVX-512 and BF16
+# but no AMX a GPTQ 4-bit checkpoint decoded ~6 tok/s there: slower than bf16 and than W8A8 (11.4)
+# on that kind of host, 3.6x slower than llama.cpp's Q4_K_M (benchmarks/README.md). On an AMD CPU
+# with AVX-512 vLLM takes its ZenDNN path (vllm_install_zendnn, the default there), whose 4-bit
+# GEMMs take compressed-tensors W4A16's packing, not AWQ's or GPTQ's: on that EPYC such a checkpoint
+# served 16 streams 2.3x as fast as Q4_K_M (one stream 8.8 tok/s), and 6.2 tok/s for one stream on
+# cpu_gemm_wna16 with zentorch off. So W4A16 is warned where it runs cpu_gemm_wna16 for want of an
+# AMD CPU (not when an operator turned zentorch off on one: this filter does not see that), and
+# AWQ/GPTQ on AMD are pointed at W4A16.
 INT4_MEASURED_SLOW_WITHOUT = "amx_tile"
+ZEN_VENDOR = "AuthenticAMD"
 
 
-def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> list[str]:
+def quantization_warnings(
+    quant: dict[str, Any] | None, flags: list[str], vendor: str = ""
+) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
     schemes = quant["schemes"] if quant else []
     warnings = []
@@ -276,18 +283,32 @@ def quantization_warnings(quant: dict[str, Any] | None, flags: list[str]) -> lis
             " AVX2-only host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md);"
             " serve the unquantized checkpoint here"
         )
-    int4 = (
-        quant is not None
-        and quant["method"] in ("awq", "gptq")
-        and any(s["weight_bits"] == 4 and s["activation_bits"] is None for s in schemes)
-    )
-    if int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags:
+    int4 = any(s["weight_bits"] == 4 and s["activation_bits"] is None for s in schemes)
+    if not (int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags):
+        return warnings
+    zen = vendor == ZEN_VENDOR
+    if quant is not None and quant["method"] in ("awq", "gptq"):
+        instead = (
+            "serve a compressed-tensors W4A16 checkpoint (llm-compressor's format), whose 4-bit"
+            " layers zentorch runs on this AMD CPU (it served 16 streams 2.3x as fast as Q4_K_M),"
+            " or a W8A8 int8 or the unquantized one"
+            if zen
+            else "serve a W8A8 int8 or the unquantized checkpoint here"
+        )
         warnings.append(
             f"{quant['method'].upper()} 4-bit weights are slow on this CPU: without AMX vLLM 0.32"
             " runs them through its W4A16 kernel (on an AMD EPYC with AVX-512 and BF16 a GPTQ"
             " 4-bit checkpoint decoded"
             " 3.6x slower than llama.cpp's Q4_K_M and slower than bf16, benchmarks/README.md);"
-            " serve a W8A8 int8 or the unquantized checkpoint here"
+            f" {instead}"
+        )
+    elif not zen:
+        warnings.append(
+            "compressed-tensors W4A16 is slow on this CPU: without AMX, and off AMD's ZenDNN path,"
+            " vLLM 0.32 runs it through its W4A16 kernel as it does GPTQ (on an AMD EPYC with"
+            " AVX-512 and BF16 and zentorch off it decoded 6.2 tok/s for one stream, 0.3x"
+            " llama.cpp's Q4_K_M, benchmarks/README.md); serve a W8A8 int8 or the unquantized"
+            " checkpoint here"
         )
     return warnings
 
@@ -380,12 +401,13 @@ def vllm_tuning(
     mem_total_mb: int,
     model_config: dict[str, Any],
     weights_bytes: int,
+    vendor: str = "",
 ) -> dict[str, Any]:
     """Compute the serving settings and the memory budget of one host.
 
     settings: dtype, kvcache_space_gib, max_model_len, max_num_seqs, omp_threads_bind,
     reserved_cpus, tensor_parallel_size, memory_max, overhead_gib, system_reserve_gib
-    (each "auto" or a value).
+    (each "auto" or a value); vendor: the CPU's vendor_id (/proc/cpuinfo), for the warnings.
     """
     dtype, dtype_reason = choose_dtype(flags, str(settings["dtype"]))
     dtype_bytes = DTYPE_BYTES.get(dtype, 2)
@@ -465,7 +487,7 @@ def vllm_tuning(
         "tensor_parallel_size": tp,
         "memory_max": memory_max,
         "problems": problems,
-        "warnings": quantization_warnings(quant, flags),
+        "warnings": quantization_warnings(quant, flags, vendor),
     }
 
 

@@ -216,25 +216,32 @@ def test_w8a8_without_an_int8_dot_product_is_served_with_a_warning(
         assert "unquantized" in out["warnings"][0]
 
 
+AMD, INTEL = "AuthenticAMD", "GenuineIntel"
+AMX = [*AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+
+
 @pytest.mark.parametrize(
-    ("flags", "slow"),
+    ("flags", "vendor", "slow"),
     [
-        (AVX2, False),  # refused there (no 4-bit kernel), not warned
-        (AVX512, True),
-        ([*AVX512, "avx512_bf16", "avx512_vnni"], True),  # the AMD EPYC it was measured on
-        ([*AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"], False),
+        (AVX2, INTEL, False),  # refused there (no 4-bit kernel), not warned
+        (AVX512, INTEL, True),
+        (AVX512, "", True),  # a caller that does not say
+        ([*AVX512, "avx512_bf16", "avx512_vnni"], AMD, True),  # the AMD EPYC it was measured on
+        (AMX, INTEL, False),
     ],
 )
 def test_awq_and_gptq_4bit_without_amx_are_served_with_a_warning(
-    flags: list[str], slow: bool
+    flags: list[str], vendor: str, slow: bool
 ) -> None:
-    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, AWQ, 1_100_000_000)
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, AWQ, 1_100_000_000, vendor)
     warned = [w for w in out["warnings"] if w.startswith("AWQ 4-bit weights are slow on this CPU")]
     assert bool(warned) is slow
     assert len(out["warnings"]) == len(warned)
     if slow:
         assert out["problems"] == []
-        assert "W8A8 int8 or the unquantized checkpoint" in warned[0]
+        assert "W8A8 int8 or the unquantized" in warned[0]
+        # on AMD, the 4-bit format zentorch's GEMMs take
+        assert ("compressed-tensors W4A16" in warned[0]) is (vendor == AMD)
 
 
 @pytest.mark.parametrize("config", [AWQ, QWEN_1_5B])
@@ -396,14 +403,28 @@ def test_unquantized_models_are_unchanged() -> None:
     assert out["weights_gib"] == round(QWEN_WEIGHTS * 2 / GIB, 2)
 
 
-def test_compressed_tensors_w4a16_gets_no_4bit_warning() -> None:
-    # zentorch's 4-bit GEMM takes this packing on AMD Zen, and was measured fast there: not warned
+@pytest.mark.parametrize(
+    ("flags", "vendor", "slow"),
+    [
+        # zentorch's 4-bit GEMMs take this packing on AMD with AVX-512, measured fast there
+        ([*AVX512, "avx512_bf16", "avx512_vnni"], AMD, False),
+        # elsewhere without AMX it runs vLLM's cpu_gemm_wna16, as GPTQ does
+        (AVX512, INTEL, True),
+        (AVX512, "", True),
+        (AMX, INTEL, False),
+    ],
+)
+def test_compressed_tensors_w4a16_is_warned_off_amd_without_amx(
+    flags: list[str], vendor: str, slow: bool
+) -> None:
     weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
     config = {
         "quant_method": "compressed-tensors",
         "config_groups": {"group_0": {"weights": weights}},
     }
     w4a16 = {**QWEN_1_5B, "quantization_config": config}
-    out = tuning.vllm_tuning(AUTO, AVX512, _cpus(1, 16), 32768, w4a16, 1_100_000_000)
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, w4a16, 1_100_000_000, vendor)
     assert out["problems"] == []
-    assert out["warnings"] == []
+    assert [w.split(":")[0] for w in out["warnings"]] == (
+        ["compressed-tensors W4A16 is slow on this CPU"] if slow else []
+    )
