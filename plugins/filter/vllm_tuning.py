@@ -283,7 +283,10 @@ def quantization_warnings(
             " AVX2-only host vLLM decoded 11x slower than llama.cpp's Q8_0, benchmarks/README.md);"
             " serve the unquantized checkpoint here"
         )
-    int4 = any(s["weight_bits"] == 4 and s["activation_bits"] is None for s in schemes)
+    int4 = any(
+        s["weight_type"] == "int" and s["weight_bits"] == 4 and s["activation_bits"] is None
+        for s in schemes
+    )
     if not (int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags):
         return warnings
     zen = vendor == ZEN_VENDOR
@@ -302,7 +305,7 @@ def quantization_warnings(
             " 3.6x slower than llama.cpp's Q4_K_M and slower than bf16, benchmarks/README.md);"
             f" {instead}"
         )
-    elif not zen:
+    elif quant is not None and quant["method"] == "compressed-tensors" and not zen:
         warnings.append(
             "compressed-tensors W4A16 is slow on this CPU: without AMX, and off AMD's ZenDNN path,"
             " vLLM 0.32 runs it through its W4A16 kernel as it does GPTQ (on an AMD EPYC with"

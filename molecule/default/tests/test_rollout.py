@@ -71,15 +71,19 @@ def load() -> Iterator[None]:
 
 LONG = {"n": 4, "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True}
 # Between two long requests: well under the length of one (it added 40 s to the test on an AVX2
-# host). A single request sent as the drain began once left the wait nothing to wait for in CI, most
-# likely because it had ended before the gateways had reloaded and the wait first looked.
-LONG_EVERY = 4
+# host); a new one also goes as soon as none is in flight, and at most LONG_AT_MOST in all (the
+# drain gives up after vllm_service_drain_timeout). A single request sent as the drain began once
+# left the wait nothing to wait for in CI, most likely because it had ended before the gateways had
+# reloaded and the wait first looked.
+LONG_EVERY, LONG_AT_MOST = 4, 10
 DRAIN = "Take the server out of rotation at the gateways]"
 DRAIN_WAIT = "Wait until the server has no request running or waiting]"
 
 
 def _long_request(url: str, key: str, answer: dict) -> None:
-    """A chat completion of LONG's size sent straight to a server: its answer, or the error."""
+    """A chat completion of LONG's size sent straight to a server: its answer, or the error, and
+    when it was sent and ended (time.monotonic())."""
+    answer["sent"] = time.monotonic()
     request = urllib.request.Request(
         url + "/v1/chat/completions",
         json.dumps(
@@ -96,20 +100,35 @@ def _long_request(url: str, key: str, answer: dict) -> None:
         answer["error"] = f"{error}: {error.read()[:1000]!r}"
     except Exception as error:  # whatever broke it is the test's failure message
         answer["error"] = repr(error)
+    finally:
+        answer["ended"] = time.monotonic()
 
 
 def _long_requests(url: str, key: str, answers: list[dict], stop: threading.Event) -> None:
-    """LONG requests sent straight to a server, a new one every LONG_EVERY s until `stop` is set,
-    each in its own thread; returns when all have ended, each one's answer or error in `answers`."""
-    senders = []
-    while True:
-        answers.append({})
-        senders.append(threading.Thread(target=_long_request, args=(url, key, answers[-1])))
-        senders[-1].start()
-        if stop.wait(LONG_EVERY):
-            break
+    """LONG requests sent straight to a server until `stop` is set, each in its own thread: a new
+    one every LONG_EVERY s and whenever none is in flight, at most LONG_AT_MOST. Each one's answer
+    or error goes in `answers`; returns when all have ended (or after 10 minutes each)."""
+    senders: list[threading.Thread] = []
+    last = -LONG_EVERY
+    while not stop.is_set():
+        idle = not any(sender.is_alive() for sender in senders)
+        if len(senders) < LONG_AT_MOST and (idle or time.monotonic() - last >= LONG_EVERY):
+            answers.append({})
+            senders.append(threading.Thread(target=_long_request, args=(url, key, answers[-1])))
+            senders[-1].start()
+            last = time.monotonic()
+        stop.wait(0.1)
     for sender in senders:
         sender.join(600)
+
+
+def _timeline(answers: list[dict], began: float) -> list[str]:
+    """When each long request was sent and ended (s after the drain began), and how."""
+    return [
+        f"{a.get('sent', began) - began:.1f}-{a.get('ended', began) - began:.1f} s:"
+        f" {a.get('error') or a.get('usage')}"
+        for a in answers
+    ]
 
 
 def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
@@ -121,27 +140,36 @@ def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     target = (api(SERVERS[0]), api_key(SERVERS[0]), answers, waiting)  # SERVERS[0] is `first`
     sender = threading.Thread(target=_long_requests, args=target, daemon=True)
 
+    began: list[float] = []  # when the drain, then its wait, began
+
     def on_drain(line: str) -> None:
         if DRAIN in line and sender.ident is None:
+            began.append(time.monotonic())
             sender.start()
-        if DRAIN_WAIT in line:
+        if DRAIN_WAIT in line and not waiting.is_set():
+            began.append(time.monotonic())
             waiting.set()
 
     # every server is drained, restarted, gated and put back in turn
     rolling = {"vllm_service_rolling_restart": True, "vllm_rollout_batch": 1}
-    rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling, watch=on_drain)
+    try:
+        rc, out = run_playbook("playbooks/serve.yml", extra_vars=rolling, watch=on_drain)
+    finally:
+        waiting.set()  # no more long requests, whatever happened (had the drain no wait: here)
     assert rc == 0, out[-3000:]
     assert sender.ident is not None, "no server was taken out of rotation"
-    waiting.set()  # (had the drain no wait, the requests would stop here)
     sender.join(600)
     assert not sender.is_alive(), "the long requests did not end within 10 minutes"
     # the long requests kept the first server's drain waiting, and each was answered in full
     drained_first = out.split(DRAIN, 1)[1]
     assert re.match(rf"[\s*]*included: \S+ for {re.escape(first)}\b", drained_first), out[-3000:]
     waited = f"RETRYING: [{first}]: {DRAIN_WAIT.rstrip(']')}"
-    assert waited in out, out[-3000:]
+    wait = f"at {began[1] - began[0]:.1f} s" if len(began) > 1 else "never"
+    timeline = [f"the wait began {wait}", *_timeline(answers, began[0])]
+    assert waited in out, (timeline, out[-3000:])
     for answer in answers:
-        assert "error" not in answer, answer
+        assert "ended" in answer, timeline
+        assert "error" not in answer, timeline
         assert len(answer["choices"]) == LONG["n"], answer
         usage = answer["usage"]
         assert usage["completion_tokens"] == LONG["n"] * LONG["max_tokens"], usage
