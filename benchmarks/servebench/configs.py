@@ -200,6 +200,7 @@ def tuned(
         facts["memtotal_mb"],
         config,
         model_weights_bytes(model),
+        facts["vendor"],
     )
     if tuning["problems"]:
         raise RuntimeError("the role would refuse this host: " + "; ".join(tuning["problems"]))
