@@ -17,7 +17,9 @@ thrown away and redone, never half-used:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -27,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -151,10 +154,21 @@ def locked_venv(
     return venv
 
 
+@functools.cache
+def load_tuning_module() -> ModuleType:
+    """The role's filter plugin, imported once from its path (the code Ansible runs)."""
+    path = REPO / "plugins" / "filter" / "vllm_tuning.py"
+    spec = importlib.util.spec_from_file_location("vllm_tuning", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def zendnn_requirements(facts: dict[str, Any]) -> tuple[str, ...]:
-    """The pins roles/vllm_install adds on a host where vLLM takes its ZenDNN path (an AMD CPU with
-    AVX-512, vLLM's _is_amd_zen_cpu), from the role's own file; none elsewhere."""
-    if facts["vendor"] != "AuthenticAMD" or not any("avx512" in f for f in facts["flags"]):
+    """The pins roles/vllm_install adds on a host where vLLM takes its ZenDNN path (the tuning
+    filter's zen_cpu), from the role's own file; none elsewhere."""
+    if not load_tuning_module().zen_cpu(facts["vendor"], facts["flags"]):
         return ()
     text = (REPO / "roles/vllm_install/files/zentorch-torch-2.13.0.txt").read_text()
     return tuple(ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#"))

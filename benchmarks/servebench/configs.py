@@ -11,20 +11,17 @@ llamacpp  llama.cpp's llama-server on the same weights as GGUF at the weights' p
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from servebench import REPO, SERVED_MODEL_NAME
-from servebench.artifacts import host_arch, role_defaults
+from servebench import SERVED_MODEL_NAME
+from servebench.artifacts import host_arch, load_tuning_module, role_defaults
 
 CONFIG_NAMES = ("recipe", "tuned", "llamacpp")
 # systemd's default PATH for services: a unit with EnvironmentFile= gets only this and the file.
@@ -109,17 +106,6 @@ def recipe(python: Path, model: Path, port: int, state: Path, kvcache_gib: int) 
     return ServerConfig(
         "recipe", argv, env, state, port, "vllm", None, {"kvcache_gib": kvcache_gib}, notes
     )
-
-
-@functools.cache
-def load_tuning_module() -> ModuleType:
-    """The role's filter plugin, imported once from its path (the code Ansible runs)."""
-    path = REPO / "plugins" / "filter" / "vllm_tuning.py"
-    spec = importlib.util.spec_from_file_location("vllm_tuning", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def host_facts() -> dict[str, Any]:

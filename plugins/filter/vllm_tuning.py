@@ -256,7 +256,13 @@ FP8_MEASURED_SLOW_WITHOUT = "amx_tile"
 # AMD CPU (not when an operator turned zentorch off on one: this filter does not see that), and
 # AWQ/GPTQ on AMD are pointed at W4A16.
 INT4_MEASURED_SLOW_WITHOUT = "amx_tile"
-ZEN_VENDOR = "AuthenticAMD"
+
+
+def zen_cpu(vendor: str, flags: list[str]) -> bool:
+    """Whether vLLM 0.32 takes its ZenDNN path on this CPU when zentorch is installed:
+    _is_amd_zen_cpu in vllm/platforms/__init__.py asks /proc/cpuinfo for AuthenticAMD and avx512.
+    roles/vllm_install adds zentorch on such hosts; the benchmark does the same."""
+    return vendor == "AuthenticAMD" and any("avx512" in f for f in flags)
 
 
 def quantization_warnings(
@@ -289,7 +295,7 @@ def quantization_warnings(
     )
     if not (int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags):
         return warnings
-    zen = vendor == ZEN_VENDOR
+    zen = zen_cpu(vendor, flags)
     if quant is not None and quant["method"] in ("awq", "gptq"):
         instead = (
             "serve a compressed-tensors W4A16 checkpoint (llm-compressor's format), whose 4-bit"
@@ -499,4 +505,4 @@ class FilterModule:
 
     def filters(self) -> dict[str, Any]:
         """Name the filters this module provides."""
-        return {"vllm_tuning": vllm_tuning}
+        return {"vllm_tuning": vllm_tuning, "zen_cpu": zen_cpu}

@@ -428,3 +428,18 @@ def test_compressed_tensors_w4a16_is_warned_off_amd_without_amx(
     assert [w.split(":")[0] for w in out["warnings"]] == (
         ["compressed-tensors W4A16 is slow on this CPU"] if slow else []
     )
+
+
+@pytest.mark.parametrize(
+    ("vendor", "flags", "zen"),
+    [
+        (AMD, AVX512, True),
+        (AMD, AVX2, False),  # Zen 2/3: no AVX-512, vLLM keeps its own kernels
+        (INTEL, AVX512, False),
+        ("HygonGenuine", AVX512, False),
+        ("", AVX512, False),
+    ],
+)
+def test_zen_cpu_is_an_amd_cpu_with_avx512(vendor: str, flags: list[str], zen: bool) -> None:
+    # the rule vllm_install's preflight (zentorch) and the benchmark's venv both take
+    assert tuning.zen_cpu(vendor, flags) is zen
