@@ -108,6 +108,14 @@ def recipe(python: Path, model: Path, port: int, state: Path, kvcache_gib: int) 
     )
 
 
+def has_zentorch(python: Path) -> bool:
+    """Whether zentorch imports in `python`'s environment (vLLM's ZenDNN path needs it): the probe
+    of tune.yml's "Find out whether the server's Python environment has zentorch"."""
+    probe = "import importlib.util as u; print(u.find_spec('zentorch') is not None)"
+    out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
 def host_facts() -> dict[str, Any]:
     """The facts tasks/tune.yml reads: CPU flags, lscpu layout, memtotal_mb, architecture."""
     flags: list[str] = []
@@ -187,6 +195,7 @@ def tuned(
         config,
         model_weights_bytes(model),
         facts["vendor"],
+        has_zentorch(python),
     )
     if tuning["problems"]:
         raise RuntimeError("the role would refuse this host: " + "; ".join(tuning["problems"]))

@@ -252,9 +252,9 @@ FP8_MEASURED_SLOW_WITHOUT = "amx_tile"
 # with AVX-512 vLLM takes its ZenDNN path (vllm_install_zendnn, the default there), whose 4-bit
 # GEMMs take compressed-tensors W4A16's packing, not AWQ's or GPTQ's: on that EPYC such a checkpoint
 # served 16 streams 2.3x as fast as Q4_K_M (one stream 8.8 tok/s), and 6.2 tok/s for one stream on
-# cpu_gemm_wna16 with zentorch off. So W4A16 is warned where it runs cpu_gemm_wna16 for want of an
-# AMD CPU (not when an operator turned zentorch off on one: this filter does not see that), and
-# AWQ/GPTQ on AMD are pointed at W4A16.
+# cpu_gemm_wna16 with zentorch off. So W4A16 is warned where it runs cpu_gemm_wna16 (off AMD, or
+# on AMD without zentorch in the server's Python environment), and AWQ/GPTQ on AMD with zentorch are
+# pointed at W4A16.
 INT4_MEASURED_SLOW_WITHOUT = "amx_tile"
 
 
@@ -266,7 +266,7 @@ def zen_cpu(vendor: str, flags: list[str]) -> bool:
 
 
 def quantization_warnings(
-    quant: dict[str, Any] | None, flags: list[str], vendor: str = ""
+    quant: dict[str, Any] | None, flags: list[str], vendor: str = "", zentorch: bool = False
 ) -> list[str]:
     """What this host serves, but slowly, and what to serve instead (empty: nothing to say)."""
     schemes = quant["schemes"] if quant else []
@@ -295,7 +295,7 @@ def quantization_warnings(
     )
     if not (int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags):
         return warnings
-    zen = zen_cpu(vendor, flags)
+    zen = zentorch and zen_cpu(vendor, flags)
     if quant is not None and quant["method"] in ("awq", "gptq"):
         instead = (
             "serve a compressed-tensors W4A16 checkpoint (llm-compressor's format), whose 4-bit"
@@ -312,12 +312,18 @@ def quantization_warnings(
             f" {instead}"
         )
     elif quant is not None and quant["method"] == "compressed-tensors" and not zen:
+        instead = "serve a W8A8 int8 or the unquantized checkpoint here"
+        if zen_cpu(vendor, flags):  # an AMD CPU whose server has no zentorch
+            instead = (
+                "zentorch, which runs it fast on this AMD CPU, is not in this server's Python"
+                " environment (vllm_install installs it with vllm_install_zendnn: true);"
+                f" or {instead}"
+            )
         warnings.append(
             "compressed-tensors W4A16 is slow on this CPU: without AMX, and off AMD's ZenDNN path,"
             " vLLM 0.32 runs it through its W4A16 kernel as it does GPTQ (on an AMD EPYC with"
             " AVX-512 and BF16 and zentorch off it decoded 6.2 tok/s for one stream, 0.3x"
-            " llama.cpp's Q4_K_M, benchmarks/README.md); serve a W8A8 int8 or the unquantized"
-            " checkpoint here"
+            f" llama.cpp's Q4_K_M, benchmarks/README.md); {instead}"
         )
     return warnings
 
@@ -411,12 +417,14 @@ def vllm_tuning(
     model_config: dict[str, Any],
     weights_bytes: int,
     vendor: str = "",
+    zentorch: bool = False,
 ) -> dict[str, Any]:
     """Compute the serving settings and the memory budget of one host.
 
     settings: dtype, kvcache_space_gib, max_model_len, max_num_seqs, omp_threads_bind,
     reserved_cpus, tensor_parallel_size, memory_max, overhead_gib, system_reserve_gib
-    (each "auto" or a value); vendor: the CPU's vendor_id (/proc/cpuinfo), for the warnings.
+    (each "auto" or a value). For the warnings: vendor, the CPU's vendor_id (/proc/cpuinfo), and
+    zentorch, whether the server's Python environment has zentorch (vLLM's ZenDNN path needs it).
     """
     dtype, dtype_reason = choose_dtype(flags, str(settings["dtype"]))
     dtype_bytes = DTYPE_BYTES.get(dtype, 2)
@@ -496,7 +504,7 @@ def vllm_tuning(
         "tensor_parallel_size": tp,
         "memory_max": memory_max,
         "problems": problems,
-        "warnings": quantization_warnings(quant, flags, vendor),
+        "warnings": quantization_warnings(quant, flags, vendor, zentorch),
     }
 
 

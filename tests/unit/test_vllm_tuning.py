@@ -233,7 +233,7 @@ AMX = [*AVX512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
 def test_awq_and_gptq_4bit_without_amx_are_served_with_a_warning(
     flags: list[str], vendor: str, slow: bool
 ) -> None:
-    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, AWQ, 1_100_000_000, vendor)
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, AWQ, 1_100_000_000, vendor, True)
     warned = [w for w in out["warnings"] if w.startswith("AWQ 4-bit weights are slow on this CPU")]
     assert bool(warned) is slow
     assert len(out["warnings"]) == len(warned)
@@ -403,6 +403,20 @@ def test_unquantized_models_are_unchanged() -> None:
     assert out["weights_gib"] == round(QWEN_WEIGHTS * 2 / GIB, 2)
 
 
+# llm-compressor's W4A16 (int4 weights in groups of 128, activations unquantized)
+W4A16 = {
+    **QWEN_1_5B,
+    "quantization_config": {
+        "quant_method": "compressed-tensors",
+        "config_groups": {
+            "group_0": {
+                "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
+            }
+        },
+    },
+}
+
+
 @pytest.mark.parametrize(
     ("flags", "vendor", "slow"),
     [
@@ -417,17 +431,28 @@ def test_unquantized_models_are_unchanged() -> None:
 def test_compressed_tensors_w4a16_is_warned_off_amd_without_amx(
     flags: list[str], vendor: str, slow: bool
 ) -> None:
-    weights = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
-    config = {
-        "quant_method": "compressed-tensors",
-        "config_groups": {"group_0": {"weights": weights}},
-    }
-    w4a16 = {**QWEN_1_5B, "quantization_config": config}
-    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, w4a16, 1_100_000_000, vendor)
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, W4A16, 1_100_000_000, vendor, True)
     assert out["problems"] == []
     assert [w.split(":")[0] for w in out["warnings"]] == (
         ["compressed-tensors W4A16 is slow on this CPU"] if slow else []
     )
+
+
+def test_4bit_on_an_amd_cpu_without_zentorch_is_warned_and_not_pointed_at_w4a16() -> None:
+    # vllm_install_zendnn: false, or a lock without zentorch: vLLM keeps cpu_gemm_wna16 there
+    flags = [*AVX512, "avx512_bf16", "avx512_vnni"]
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, W4A16, 1_100_000_000, AMD, False)
+    assert [w.split(":")[0] for w in out["warnings"]] == [
+        "compressed-tensors W4A16 is slow on this CPU"
+    ]
+    assert "vllm_install_zendnn: true" in out["warnings"][0]
+    # off AMD zentorch would not help
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, W4A16, 1_100_000_000, INTEL, False)
+    assert len(out["warnings"]) == 1
+    assert "vllm_install_zendnn" not in out["warnings"][0]
+    out = tuning.vllm_tuning(AUTO, flags, _cpus(1, 16), 32768, AWQ, 1_100_000_000, AMD, False)
+    assert len(out["warnings"]) == 1
+    assert "compressed-tensors W4A16" not in out["warnings"][0]
 
 
 @pytest.mark.parametrize(
