@@ -6,15 +6,21 @@ checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
   W8A8 format, as llm-compressor writes them. vLLM 0.32 builds its int8 kernels for AVX2 too.
 - Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4: 4-bit weights in GPTQ's format (float16 scales per 128
   inputs), as Qwen publishes them. vLLM 0.32's 4-bit kernel is built for AVX-512 only.
+- standin/Qwen2.5-1.5B-Instruct-W4A16: 4-bit weights in compressed-tensors' W4A16 format
+  (pack-quantized, groups of 128), as llm-compressor writes them; named for no real repository (none
+  in this format for this model was found). On an AMD CPU with AVX-512, vLLM's ZenDNN path runs it
+  through zentorch's DA8W4 kernel; elsewhere through the same 4-bit kernel as GPTQ.
 Each checkpoint goes to its own server, whose model and service stages run with that repository
-(the servers whose CPU can run theirs in one service stage, side by side). Where the CPU has what
+(the servers whose CPU can run theirs in one service stage, side by side); with more checkpoints
+than servers, a second round follows the first round's tests. Where the CPU has what
 the checkpoint's kernel needs, the server must answer chat from the quantized weights; where it has
 not, the service stage must refuse it, saying why, before it changes anything. So that the refusal
 runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
 without the AVX-512 flags (a bind mount, as LXCFS does for containers). W8A8 is served everywhere,
 with a warning where the CPU has neither AVX-512 nor an int8 dot product (VNNI, AMX); the same kind
 of mount shows that warning on every machine. The 4-bit one is served with a warning where the
-CPU has no AMX (vLLM's W4A16 kernel, measured slow). Afterwards the fleet's model is served again,
+CPU has no AMX (vLLM's W4A16 kernel, measured slow), and W4A16 likewise unless the CPU takes the
+ZenDNN path (measured fast there). Afterwards the fleet's model is served again,
 and the checkpoints' folders (and the fleet cache's entries) go.
 """
 
@@ -25,7 +31,8 @@ import os
 import re
 import shlex
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import testinfra
@@ -57,6 +64,8 @@ class Checkpoint:
     refusal: str | None  # what the preflight says on a CPU without it
     slow: str | None = None  # what the service stage warns where this CPU runs it slowly:
     fast_with: frozenset[str] = frozenset()  # on a CPU with none of these flags
+    fast_on_zen: bool = False  # ... and not on an AMD CPU with AVX-512 (vLLM's ZenDNN path)
+    zen_engine: tuple[str, ...] = ()  # what the journal says too on such a CPU
 
     @property
     def name(self) -> str:
@@ -89,20 +98,35 @@ CHECKPOINTS = {
         slow="GPTQ 4-bit weights are slow on this CPU",
         fast_with=frozenset({"amx_tile"}),
     ),
+    "w4a16": Checkpoint(
+        repo="standin/Qwen2.5-1.5B-Instruct-W4A16",
+        tuning="compressed-tensors w4",
+        engine=("quantization=compressed-tensors", "Using {wna16} for CompressedTensorsWNA16"),
+        config=("format", "pack-quantized"),
+        needs="avx512f",
+        refusal="compressed-tensors 4-bit weights need AVX-512",
+        slow="compressed-tensors W4A16 is slow on this CPU",
+        fast_with=frozenset({"amx_tile"}),
+        fast_on_zen=True,
+        # zentorch repacks its layers for its int8 x int4 GEMM (bf16 activations, symmetric)
+        zen_engine=("[zen_cpu] Using zentorch_dynamic_qlinear for DA8W4",),
+    ),
 }
-# one server per checkpoint
-assert len(SERVERS) >= len(CHECKPOINTS), SERVERS
-PLACED = dict(zip(sorted(CHECKPOINTS), SERVERS, strict=False))
+# one server per checkpoint in a round; the second round deploys after the first one's tests
+ROUNDS = (("gptq-int4", "w8a8"), ("w4a16",))
+assert sorted(k for keys in ROUNDS for k in keys) == sorted(CHECKPOINTS)
+assert len(SERVERS) >= max(map(len, ROUNDS)), SERVERS
+PLACED = {key: name for keys in ROUNDS for key, name in zip(keys, SERVERS, strict=False)}
 
 
 @dataclass
 class Deployed:
     runnable: bool  # this CPU has what the checkpoint's kernel needs
-    since: str  # when the service stage began, for the journal
     rc: int  # the exit code and the output of the service stage that deployed it
     out: str
     before: tuple[str, str, str]  # the unit's and environment file's sha256 and vLLM's main pid
     after: tuple[str, str, str]
+    seen: dict[str, Any] = field(default_factory=dict)  # the server right after (_observe)
 
 
 def _host(name: str):  # noqa: ANN202 - a testinfra Host
@@ -155,51 +179,75 @@ def _assert_refused(checkpoint: Checkpoint, done: Deployed) -> None:
     assert done.after == done.before
 
 
-@pytest.fixture(scope="module")
-def deployed() -> Iterator[dict[str, Deployed]]:
-    """Each checkpoint deployed on its server: the model stage for all, then one service stage for
-    the servers that can run theirs (side by side) and one for each that cannot (its preflight
-    stops the run). Afterwards the service stage with the fleet's own model, and the folders go."""
-    hosts = {key: _host(name) for key, name in PLACED.items()}
+def _observe(host, checkpoint: Checkpoint, since: str) -> dict[str, Any]:
+    """What the test checks of the running server, read as soon as the service stage ended (a later
+    round replaces the checkpoint): vLLM's journal since the stage began, the served model, where
+    its folder points, its config.json and one chat answer; `error` when a read failed."""
+    seen: dict[str, Any] = {}
+    try:
+        seen["journal"] = host.check_output(
+            "journalctl --unit vllm --since %s --no-pager --output cat", since
+        )
+        seen["model"] = model = _get(host, "/v1/models")["data"][0]
+        seen["root"] = host.file(model["root"]).linked_to
+        seen["fleet_root"] = host.file(FLEET_MODEL).linked_to
+        seen["config"] = json.loads(host.file(f"{model['root']}/config.json").content_string)
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+        seen["answer"] = _get(host, "/v1/chat/completions", {"model": checkpoint.repo, **chat})
+    except Exception as error:  # reported by the test, with the stage's output
+        seen["error"] = repr(error)
+    return seen
+
+
+def _deploy(keys: tuple[str, ...]) -> dict[str, Deployed]:
+    """Each checkpoint of `keys` deployed on its server: the model stage for all, then one service
+    stage for the servers that can run theirs (side by side) and one for each that cannot (its
+    preflight stops the run); each server observed right after."""
+    hosts = {key: _host(PLACED[key]) for key in keys}
     for host in hosts.values():
         # the flags below must be the CPU's: a killed run may have left its fake cpuinfo mounted
         assert not host.file(CPUINFO_COPY).exists, f"{CPUINFO_COPY} is left mounted: umount it"
-    model_vars = {PLACED[key]: _deploying(c) for key, c in CHECKPOINTS.items()}
-    runnable = {
-        key: c.needs is None or c.needs in cpu_flags(hosts[key]) for key, c in CHECKPOINTS.items()
-    }
+    model_vars = {PLACED[key]: _deploying(CHECKPOINTS[key]) for key in keys}
+    runnable = {key: CHECKPOINTS[key].needs in (None, *cpu_flags(hosts[key])) for key in keys}
+    rc, out = _stage("model.yml", list(model_vars), model_vars)
+    assert rc == 0, out[-3000:]
     result: dict[str, Deployed] = {}
-    try:
-        rc, out = _stage("model.yml", list(PLACED.values()), model_vars)
-        assert rc == 0, out[-3000:]
-        runs = [[key for key in CHECKPOINTS if runnable[key]]]
-        runs += [[key] for key in CHECKPOINTS if not runnable[key]]
-        for keys in filter(None, runs):
-            since = {key: hosts[key].check_output("date '+%Y-%m-%d %H:%M:%S'") for key in keys}
-            before = {key: server_state(hosts[key]) for key in keys}
-            rc, out = _stage(
-                "serve.yml", [PLACED[key] for key in keys], model_vars, vllm_rollout_batch=len(keys)
+    runs = [[key for key in keys if runnable[key]]] + [[key] for key in keys if not runnable[key]]
+    for run in filter(None, runs):
+        since = {key: hosts[key].check_output("date '+%Y-%m-%d %H:%M:%S'") for key in run}
+        before = {key: server_state(hosts[key]) for key in run}
+        rc, out = _stage(
+            "serve.yml", [PLACED[key] for key in run], model_vars, vllm_rollout_batch=len(run)
+        )
+        for key in run:
+            seen = _observe(hosts[key], CHECKPOINTS[key], since[key]) if runnable[key] else {}
+            result[key] = Deployed(
+                runnable[key], rc, out, before[key], server_state(hosts[key]), seen
             )
-            for key in keys:
-                result[key] = Deployed(
-                    runnable[key], since[key], rc, out, before[key], server_state(hosts[key])
-                )
-        yield result
+    return result
+
+
+@pytest.fixture(scope="module")
+def deployed() -> Iterator[dict[str, Deployed]]:
+    """The first round's checkpoints deployed (`_deploy`). Afterwards, also after the later rounds,
+    the service stage with the fleet's own model, and the checkpoints' folders go."""
+    servers = sorted(set(PLACED.values()))
+    hosts = [_host(name) for name in servers]
+    try:
+        yield _deploy(ROUNDS[0])
     finally:
-        rc, out = _stage("serve.yml", list(PLACED.values()), {}, vllm_rollout_batch=len(PLACED))
-        for host in hosts.values():
+        rc, out = _stage("serve.yml", servers, {}, vllm_rollout_batch=len(servers))
+        for host in hosts:
             for c in CHECKPOINTS.values():
                 host.run("rm -rf %s %s", f"/opt/vllm/models/{c.name}", f"{CACHE_MODELS}/{c.name}")
         assert rc == 0, out[-3000:]
-        for host in hosts.values():
+        for host in hosts:
             assert _get(host, "/v1/models")["data"][0]["id"] == "Qwen/Qwen2.5-1.5B-Instruct"
 
 
-@pytest.mark.parametrize("key", sorted(CHECKPOINTS))
-def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it_cannot(
-    deployed: dict[str, Deployed], key: str
-) -> None:
-    checkpoint, done, host = CHECKPOINTS[key], deployed[key], _host(PLACED[key])
+def _assert_deployed(key: str, done: Deployed) -> None:
+    """Served, as that kind of checkpoint, where the CPU can run it; refused where it cannot."""
+    checkpoint, host = CHECKPOINTS[key], _host(PLACED[key])
     if not done.runnable:
         _assert_refused(checkpoint, done)
         return
@@ -211,36 +259,33 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
         rf"ok: \[{re.escape(PLACED[key])}\] => msg: '?dtype .*? quantization ([^,]+),", done.out
     )
     assert tuning and tuning.group(1) == checkpoint.tuning, done.out[-3000:]
+    # on an AMD CPU with AVX-512, vLLM's ZenDNN path (roles/vllm_install) runs 4-bit layers too
+    zen = zen_cpu(host)
     # a warning where this CPU runs it slowly, and only there
     warned = f"WARNING {PLACED[key]}: {checkpoint.slow}" in done.out if checkpoint.slow else False
-    slow = bool(checkpoint.slow) and not checkpoint.fast_with & set(cpu_flags(host))
-    assert warned == slow, done.out[-3000:]
+    fast = checkpoint.fast_with & set(cpu_flags(host)) or (checkpoint.fast_on_zen and zen)
+    assert warned == (bool(checkpoint.slow) and not fast), done.out[-3000:]
+    seen = done.seen
+    assert "error" not in seen, (seen.get("error"), done.out[-3000:])
     # vLLM loaded it as that kind of checkpoint (the unit's journal)
-    journal = host.check_output(
-        "journalctl --unit vllm --since %s --no-pager --output cat", done.since
-    )
-    # on an AMD CPU with AVX-512, vLLM's ZenDNN path (roles/vllm_install) runs 4-bit layers too
-    wna16 = "ZentorchWNA16LinearKernel" if zen_cpu(host) else "CPUWNA16LinearKernel"
-    for line in checkpoint.engine:
-        assert line.format(wna16=wna16) in journal, journal[-3000:]
-    model = _get(host, "/v1/models")["data"][0]
-    assert model["id"] == checkpoint.repo
-    assert host.file(model["root"]).linked_to.startswith(f"/opt/vllm/models/{checkpoint.name}/")
-    assert host.file(model["root"]).linked_to != host.file(FLEET_MODEL).linked_to
-    config = json.loads(host.file(f"{model['root']}/config.json").content_string)
+    wna16 = "ZentorchWNA16LinearKernel" if zen else "CPUWNA16LinearKernel"
+    for line in checkpoint.engine + (checkpoint.zen_engine if zen else ()):
+        assert line.format(wna16=wna16) in seen["journal"], seen["journal"][-3000:]
+    assert seen["model"]["id"] == checkpoint.repo
+    assert seen["root"].startswith(f"/opt/vllm/models/{checkpoint.name}/")
+    assert seen["root"] != seen["fleet_root"]
     key_, value = checkpoint.config
-    assert config["quantization_config"][key_] == value
-    answer = _get(
-        host,
-        "/v1/chat/completions",
-        {
-            "model": checkpoint.repo,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 8,
-        },
-    )
+    assert seen["config"]["quantization_config"][key_] == value
+    answer = seen["answer"]
     assert answer["usage"]["completion_tokens"] > 0
     assert answer["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("key", ROUNDS[0])
+def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it_cannot(
+    deployed: dict[str, Deployed], key: str
+) -> None:
+    _assert_deployed(key, deployed[key])
 
 
 @pytest.fixture
@@ -259,7 +304,7 @@ def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: st
     checkpoint, host = CHECKPOINTS["gptq-int4"], _host(without_avx512)
     before = server_state(host)
     rc, out = _stage("serve.yml", [without_avx512], {without_avx512: _deploying(checkpoint)})
-    _assert_refused(checkpoint, Deployed(False, "", rc, out, before, server_state(host)))
+    _assert_refused(checkpoint, Deployed(False, rc, out, before, server_state(host)))
 
 
 @pytest.fixture
@@ -294,3 +339,17 @@ def test_w8a8_on_a_cpu_without_an_int8_dot_product_is_served_with_a_warning(
     assert "Write the systemd unit" not in out
     assert re.search(rf"{re.escape(without_vnni)} : ok=\d+ changed=0 ", out), out[-3000:]
     assert server_state(host) == before
+
+
+@pytest.fixture(scope="module")
+def deployed_later(deployed: dict[str, Deployed]) -> dict[str, Deployed]:
+    """The later rounds' checkpoints deployed (`_deploy`), after the first round's tests (this
+    module's last tests ask for it); `deployed` serves the fleet's model again afterwards."""
+    return {key: done for keys in ROUNDS[1:] for key, done in _deploy(keys).items()}
+
+
+@pytest.mark.parametrize("key", [key for keys in ROUNDS[1:] for key in keys])
+def test_a_quantized_checkpoint_of_a_later_round_is_served_or_refused_likewise(
+    deployed_later: dict[str, Deployed], key: str
+) -> None:
+    _assert_deployed(key, deployed_later[key])
