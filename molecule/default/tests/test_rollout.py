@@ -140,14 +140,14 @@ def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     target = (api(SERVERS[0]), api_key(SERVERS[0]), answers, waiting)  # SERVERS[0] is `first`
     sender = threading.Thread(target=_long_requests, args=target, daemon=True)
 
-    began: list[float] = []  # when the drain, then its wait, began
+    began: dict[str, float] = {}  # when the drain ("drain") and its wait ("wait") began
 
     def on_drain(line: str) -> None:
         if DRAIN in line and sender.ident is None:
-            began.append(time.monotonic())
+            began["drain"] = time.monotonic()
             sender.start()
         if DRAIN_WAIT in line and not waiting.is_set():
-            began.append(time.monotonic())
+            began["wait"] = time.monotonic()
             waiting.set()
 
     # every server is drained, restarted, gated and put back in turn
@@ -164,8 +164,8 @@ def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     drained_first = out.split(DRAIN, 1)[1]
     assert re.match(rf"[\s*]*included: \S+ for {re.escape(first)}\b", drained_first), out[-3000:]
     waited = f"RETRYING: [{first}]: {DRAIN_WAIT.rstrip(']')}"
-    wait = f"at {began[1] - began[0]:.1f} s" if len(began) > 1 else "never"
-    timeline = [f"the wait began {wait}", *_timeline(answers, began[0])]
+    wait = f"at {began['wait'] - began['drain']:.1f} s" if "wait" in began else "never"
+    timeline = [f"the wait began {wait}", *_timeline(answers, began["drain"])]
     assert waited in out, (timeline, out[-3000:])
     for answer in answers:
         assert "ended" in answer, timeline
