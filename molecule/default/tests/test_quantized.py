@@ -18,10 +18,11 @@ not, the service stage must refuse it, saying why, before it changes anything. S
 runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
 without the AVX-512 flags (a bind mount, as LXCFS does for containers). W8A8 is served everywhere,
 with a warning where the CPU has neither AVX-512 nor an int8 dot product (VNNI, AMX); the same kind
-of mount shows that warning on every machine. The 4-bit one is served with a warning where the
-CPU has no AMX (vLLM's W4A16 kernel, measured slow), and W4A16 likewise unless the CPU takes the
-ZenDNN path (measured fast there). Afterwards the fleet's model is served again,
-and the checkpoints' folders (and the fleet cache's entries) go.
+of mount shows that warning on every machine. GPTQ 4-bit is served with a warning where the CPU
+has no AMX (vLLM's W4A16 kernel, measured slow), and W4A16 likewise unless the CPU takes the
+ZenDNN path (measured fast there); with zentorch's package folder hidden on that server, the
+service stage's checks warn there too, and on an AMD CPU say how to install zentorch. Afterwards
+the fleet's model is served again, and the checkpoints' folders (and the fleet cache's entries) go.
 """
 
 from __future__ import annotations
@@ -353,3 +354,63 @@ def test_a_quantized_checkpoint_of_a_later_round_is_served_or_refused_likewise(
     deployed_later: dict[str, Deployed], key: str
 ) -> None:
     _assert_deployed(key, deployed_later[key])
+
+
+PYTHON = "/opt/vllm/venv/bin/python"  # the servers' Python environment (roles/python_env's venv)
+HIDDEN = ".hidden-by-test"  # added to zentorch's package folder while it is hidden
+
+
+@pytest.fixture
+def without_zentorch(deployed_later: dict[str, Deployed]) -> Iterator[str]:
+    """The W4A16 checkpoint's server with zentorch's package folder renamed in its Python
+    environment, so that the role's probe (find_spec) finds no zentorch there; its metadata stays,
+    so pip freeze and the environment file's hash do not change, and the running vLLM has imported
+    it already. Restored afterwards; yields the server's name. After `deployed_later`, which put the
+    checkpoint's folder on that server. Where zentorch is not installed (off AMD), nothing is
+    hidden."""
+    name = PLACED["w4a16"]
+    host = _host(name)
+    where = "import importlib.util as u; s = u.find_spec('zentorch'); print(s.origin if s else '')"
+    platlib = "import sysconfig; print(sysconfig.get_paths()['platlib'])"  # zentorch's wheel's
+    site = host.check_output("%s -c %s", PYTHON, platlib)
+    package, hidden = f"{site}/zentorch", f"{site}/zentorch{HIDDEN}"
+    if host.file(hidden).exists and not host.file(package).exists:  # left by a killed run
+        host.check_output("mv --no-target-directory %s %s", hidden, package)
+    origin = host.check_output("%s -c %s", PYTHON, where)
+    present = bool(origin)
+    if present:
+        assert origin == f"{package}/__init__.py", origin  # the folder renamed below
+        host.check_output("mv --no-target-directory %s %s", package, hidden)
+    try:
+        assert host.check_output("%s -c %s", PYTHON, where) == ""
+        yield name
+    finally:
+        if present:
+            host.check_output("mv --no-target-directory %s %s", hidden, package)
+
+
+def test_w4a16_where_zentorch_is_not_found_is_warned(without_zentorch: str) -> None:
+    # the service stage's checks only (read-only): without zentorch vLLM runs W4A16 on
+    # cpu_gemm_wna16 (measured slow), so the stage warns wherever the CPU has no AMX, on an AMD CPU
+    # with AVX-512 too, and there it says how to install zentorch
+    checkpoint, host = CHECKPOINTS["w4a16"], _host(without_zentorch)
+    flags = set(cpu_flags(host))
+    before = server_state(host)
+    rc, out = run_playbook(
+        "playbooks/serve.yml",
+        "--limit",
+        without_zentorch,
+        "--tags",
+        "vllm_service_preflight",
+        host_vars={without_zentorch: _deploying(checkpoint)},
+    )
+    if checkpoint.needs not in flags:  # no 4-bit kernel at all: refused
+        assert rc != 0 and checkpoint.refusal and checkpoint.refusal in out, out[-3000:]
+    else:
+        assert rc == 0, out[-3000:]
+        assert re.search(rf"{re.escape(without_zentorch)} : ok=\d+ changed=0 ", out), out[-3000:]
+        warned = f"WARNING {without_zentorch}: {checkpoint.slow}" in out
+        assert warned == (not checkpoint.fast_with & flags), out[-3000:]
+        assert ("vllm_install_zendnn: true" in out) == (warned and zen_cpu(host)), out[-3000:]
+    assert "Write the systemd unit" not in out
+    assert server_state(host) == before
