@@ -109,7 +109,7 @@ def recipe(python: Path, model: Path, port: int, state: Path, kvcache_gib: int) 
 
 
 def has_zentorch(python: Path) -> bool:
-    """Whether zentorch imports in `python`'s environment (vLLM's ZenDNN path needs it): the probe
+    """Whether `python` finds zentorch (vLLM's ZenDNN path needs it to import): the probe
     of tune.yml's "Find out whether the server's Python environment has zentorch"."""
     probe = "import importlib.util as u; print(u.find_spec('zentorch') is not None)"
     out = subprocess.run([str(python), "-c", probe], check=True, capture_output=True, text=True)

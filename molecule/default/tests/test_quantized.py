@@ -291,7 +291,7 @@ def test_a_quantized_checkpoint_is_served_where_the_cpu_can_and_refused_where_it
 
 @pytest.fixture
 def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
-    """The 4-bit checkpoint's server with a /proc/cpuinfo without the AVX-512 and AMX flags (its
+    """The GPTQ checkpoint's server with a /proc/cpuinfo without the AVX-512 and AMX flags (its
     running vLLM is not affected), restored afterwards; yields its name. After `deployed`, which
     put the checkpoint's folder on that server."""
     name = PLACED["gptq-int4"]
