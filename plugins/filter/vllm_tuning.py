@@ -295,7 +295,8 @@ def quantization_warnings(
     )
     if not (int4 and INT4_NEEDS_FLAG in flags and INT4_MEASURED_SLOW_WITHOUT not in flags):
         return warnings
-    zen = zentorch and zen_cpu(vendor, flags)
+    amd_zen = zen_cpu(vendor, flags)  # vLLM takes its ZenDNN path here where zentorch is
+    zen = zentorch and amd_zen
     if quant is not None and quant["method"] in ("awq", "gptq"):
         instead = (
             "serve a compressed-tensors W4A16 checkpoint (llm-compressor's format), whose 4-bit"
@@ -313,7 +314,7 @@ def quantization_warnings(
         )
     elif quant is not None and quant["method"] == "compressed-tensors" and not zen:
         instead = "serve a W8A8 int8 or the unquantized checkpoint here"
-        if zen_cpu(vendor, flags):  # an AMD CPU whose server has no zentorch
+        if amd_zen:  # an AMD CPU whose server has no zentorch
             instead = (
                 "zentorch, which runs it fast on this AMD CPU, is not in this server's Python"
                 " environment (vllm_install installs it with vllm_install_zendnn: true);"
