@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     procs.raise_on_signals()
     model = artifacts.ensure_model(args.model_preset)
-    python = artifacts.ensure_vllm_venv()
     facts = configs.host_facts()
+    # serving.py's tuned venv: zentorch where vLLM takes its ZenDNN path, as roles/vllm_install does
+    python = artifacts.ensure_vllm_venv(artifacts.zendnn_requirements(facts))
     cpus = sorted(int(c["cpu"]) for c in facts["cpus"])
     half = max(1, len(cpus) // 2)
     binds = [cpus[:half], cpus[half:] or cpus[:half]]
