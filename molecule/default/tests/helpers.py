@@ -1,6 +1,6 @@
 """Helpers shared by the default scenario's tests: where a server listens, whether it serves, a wait
-for a condition, its API key, a server's state seen from outside, a server's CPU flags hidden, and a
-project playbook run against the scenario's hosts."""
+for a condition, its API key, a server's state seen from outside, a server's CPU flags hidden, a
+project playbook run against the scenario's hosts, and where the servers' Python is."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+PYTHON = "/opt/vllm/venv/bin/python"  # the servers' Python environment (roles/python_env's venv)
 
 # the gate's message when the server's process ended during its start, as the rescue renders it
 ENDED = re.compile(

@@ -13,7 +13,7 @@ from base64 import b64decode
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import api, api_key, zen_cpu
+from helpers import PYTHON, api, api_key, zen_cpu
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -126,7 +126,7 @@ def test_the_server_runs_on_zendnn_exactly_on_an_amd_cpu_with_avx512(host) -> No
     assert int(pid) > 0, "vllm is not running"
     pids = [pid, *host.run("ps -o pid= --ppid %s", pid).stdout.split()]
     maps = "".join(host.file(f"/proc/{p}/maps").content_string for p in pids)
-    installed = host.run("/opt/vllm/venv/bin/python -m pip show --quiet zentorch").rc == 0
+    installed = host.run(f"{PYTHON} -m pip show --quiet zentorch").rc == 0
     assert (installed, "libzentorch.so" in maps) == (zen, zen)
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import ENDED, run_playbook, server_state, serving, task_result, wait_until
+from helpers import ENDED, PYTHON, run_playbook, server_state, serving, task_result, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -177,15 +177,14 @@ def new_package() -> Iterator[str]:
     """A new (metadata-only) distribution in BAD's Python environment, as a new vLLM or dependency
     would be; removed afterwards and the service stage run again, so the server is as before."""
     host = HOSTS[BAD]
-    python = "/opt/vllm/venv/bin/python"
     purelib = host.check_output(
-        "%s -c %s", python, "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        "%s -c %s", PYTHON, "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     )
     probe = f"{purelib}/{PROBE_DIST}"
     metadata = "Metadata-Version: 2.1\nName: fleet-gate-probe\nVersion: 1.0\n"
     write = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir();"
     write += " (p / 'METADATA').write_text(sys.argv[2]); (p / 'RECORD').write_text('')"
-    host.check_output("%s -c %s %s %s", python, write, probe, metadata)
+    host.check_output("%s -c %s %s %s", PYTHON, write, probe, metadata)
     try:
         yield probe
     finally:

@@ -40,6 +40,7 @@ import testinfra
 import testinfra.utils.ansible_runner
 from helpers import (
     CPUINFO_COPY,
+    PYTHON,
     api,
     api_key,
     cpu_flags,
@@ -200,6 +201,20 @@ def _observe(host, checkpoint: Checkpoint, since: str) -> dict[str, Any]:
     return seen
 
 
+HIDDEN = ".hidden-by-test"  # added to zentorch's package folder while it is hidden
+
+
+def _zentorch_restored(host) -> tuple[str, str]:
+    """Where zentorch's package folder is in `host`'s Python environment, and its name while hidden
+    (`without_zentorch`); the folder renamed back first if a killed run left it hidden."""
+    platlib = "import sysconfig; print(sysconfig.get_paths()['platlib'])"  # zentorch's wheel's
+    site = host.check_output("%s -c %s", PYTHON, platlib)
+    package, hidden = f"{site}/zentorch", f"{site}/zentorch{HIDDEN}"
+    if host.file(hidden).exists and not host.file(package).exists:  # left by a killed run
+        host.check_output("mv --no-target-directory %s %s", hidden, package)
+    return package, hidden
+
+
 def _deploy(keys: tuple[str, ...]) -> dict[str, Deployed]:
     """Each checkpoint of `keys` deployed on its server: the model stage for all, then one service
     stage for the servers that can run theirs (side by side) and one for each that cannot (its
@@ -208,6 +223,7 @@ def _deploy(keys: tuple[str, ...]) -> dict[str, Deployed]:
     for host in hosts.values():
         # the flags below must be the CPU's: a killed run may have left its fake cpuinfo mounted
         assert not host.file(CPUINFO_COPY).exists, f"{CPUINFO_COPY} is left mounted: umount it"
+        _zentorch_restored(host)  # and it may have left zentorch's package folder hidden
     model_vars = {PLACED[key]: _deploying(CHECKPOINTS[key]) for key in keys}
     runnable = {key: CHECKPOINTS[key].needs in (None, *cpu_flags(hosts[key])) for key in keys}
     rc, out = _stage("model.yml", list(model_vars), model_vars)
@@ -308,6 +324,30 @@ def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: st
     _assert_refused(checkpoint, Deployed(False, rc, out, before, server_state(host)))
 
 
+def _preflight_only(name: str, checkpoint: Checkpoint, refused: bool = False) -> str:
+    """The service stage's checks only (read-only, on any CPU) on server `name`, pointed at
+    `checkpoint`: refused, in words, or passed without a change (its recap); either way the unit is
+    not written and the server is as before. The run's output, for what the test checks more."""
+    host = _host(name)
+    before = server_state(host)
+    rc, out = run_playbook(
+        "playbooks/serve.yml",
+        "--limit",
+        name,
+        "--tags",
+        "vllm_service_preflight",
+        host_vars={name: _deploying(checkpoint)},
+    )
+    if refused:
+        assert rc != 0 and checkpoint.refusal and checkpoint.refusal in out, out[-3000:]
+    else:
+        assert rc == 0, out[-3000:]
+        assert re.search(rf"{re.escape(name)} : ok=\d+ changed=0 ", out), out[-3000:]
+    assert "Write the systemd unit" not in out
+    assert server_state(host) == before
+    return out
+
+
 @pytest.fixture
 def without_vnni(deployed: dict[str, Deployed]) -> Iterator[str]:
     """The W8A8 checkpoint's server with a /proc/cpuinfo without AVX-512, AMX and AVX-VNNI (no int8
@@ -324,22 +364,10 @@ def test_w8a8_on_a_cpu_without_an_int8_dot_product_is_served_with_a_warning(
     without_vnni: str,
 ) -> None:
     # the service stage's checks only (read-only, on any CPU): they pass, with the warning
-    checkpoint, host = CHECKPOINTS["w8a8"], _host(without_vnni)
-    before = server_state(host)
-    rc, out = run_playbook(
-        "playbooks/serve.yml",
-        "--limit",
-        without_vnni,
-        "--tags",
-        "vllm_service_preflight",
-        host_vars={without_vnni: _deploying(checkpoint)},
-    )
-    assert rc == 0, out[-3000:]
+    checkpoint = CHECKPOINTS["w8a8"]
+    out = _preflight_only(without_vnni, checkpoint)
     assert f"WARNING {without_vnni}: {checkpoint.slow}" in out, out[-3000:]
     assert "serve the unquantized checkpoint here" in out
-    assert "Write the systemd unit" not in out
-    assert re.search(rf"{re.escape(without_vnni)} : ok=\d+ changed=0 ", out), out[-3000:]
-    assert server_state(host) == before
 
 
 @pytest.fixture(scope="module")
@@ -356,10 +384,6 @@ def test_a_quantized_checkpoint_of_a_later_round_is_served_or_refused_likewise(
     _assert_deployed(key, deployed_later[key])
 
 
-PYTHON = "/opt/vllm/venv/bin/python"  # the servers' Python environment (roles/python_env's venv)
-HIDDEN = ".hidden-by-test"  # added to zentorch's package folder while it is hidden
-
-
 @pytest.fixture
 def without_zentorch(deployed_later: dict[str, Deployed]) -> Iterator[str]:
     """The W4A16 checkpoint's server with zentorch's package folder renamed in its Python
@@ -371,11 +395,7 @@ def without_zentorch(deployed_later: dict[str, Deployed]) -> Iterator[str]:
     name = PLACED["w4a16"]
     host = _host(name)
     where = "import importlib.util as u; s = u.find_spec('zentorch'); print(s.origin if s else '')"
-    platlib = "import sysconfig; print(sysconfig.get_paths()['platlib'])"  # zentorch's wheel's
-    site = host.check_output("%s -c %s", PYTHON, platlib)
-    package, hidden = f"{site}/zentorch", f"{site}/zentorch{HIDDEN}"
-    if host.file(hidden).exists and not host.file(package).exists:  # left by a killed run
-        host.check_output("mv --no-target-directory %s %s", hidden, package)
+    package, hidden = _zentorch_restored(host)
     origin = host.check_output("%s -c %s", PYTHON, where)
     present = bool(origin)
     if present:
@@ -395,22 +415,9 @@ def test_w4a16_where_zentorch_is_not_found_is_warned(without_zentorch: str) -> N
     # with AVX-512 too, and there it says how to install zentorch
     checkpoint, host = CHECKPOINTS["w4a16"], _host(without_zentorch)
     flags = set(cpu_flags(host))
-    before = server_state(host)
-    rc, out = run_playbook(
-        "playbooks/serve.yml",
-        "--limit",
-        without_zentorch,
-        "--tags",
-        "vllm_service_preflight",
-        host_vars={without_zentorch: _deploying(checkpoint)},
-    )
-    if checkpoint.needs not in flags:  # no 4-bit kernel at all: refused
-        assert rc != 0 and checkpoint.refusal and checkpoint.refusal in out, out[-3000:]
-    else:
-        assert rc == 0, out[-3000:]
-        assert re.search(rf"{re.escape(without_zentorch)} : ok=\d+ changed=0 ", out), out[-3000:]
+    refused = checkpoint.needs not in flags  # no 4-bit kernel at all: refused
+    out = _preflight_only(without_zentorch, checkpoint, refused)
+    if not refused:
         warned = f"WARNING {without_zentorch}: {checkpoint.slow}" in out
         assert warned == (not checkpoint.fast_with & flags), out[-3000:]
         assert ("vllm_install_zendnn: true" in out) == (warned and zen_cpu(host)), out[-3000:]
-    assert "Write the systemd unit" not in out
-    assert server_state(host) == before

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import testinfra
 import testinfra.utils.ansible_runner
+from helpers import PYTHON
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -21,7 +22,6 @@ testinfra_hosts = SERVERS
 BUILDER = SERVERS[0]
 BUILDS = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"  # vllm_build_controller_path
 WHEEL = "vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"
-PYTHON = "/opt/vllm/venv/bin/python"
 
 
 def _builder():  # noqa: ANN202 - a testinfra Host
