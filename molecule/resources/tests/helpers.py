@@ -1,4 +1,4 @@
-"""Helpers shared by the default scenario's tests: where a server listens, whether it serves, a wait
+"""Helpers shared by the scenarios' tests: where a server listens, whether it serves, a wait
 for a condition, its API key, a server's state seen from outside, a server's CPU flags hidden, a
 project playbook run against the scenario's hosts, and where the servers' Python is."""
 

@@ -1,0 +1,325 @@
+"""The gateway role alone (molecule/gateway): nginx on `gw-g` in front of two OpenAI stubs.
+
+Each server runs tests/fixtures/openai_stub as vllm.service: it checks the API key as vLLM does,
+lists the model, answers chat completions and streams them token by token. What nginx does with
+them is what these tests prove: TLS, the key at the edge, the allowlist, plain HTTP, spreading,
+sessions, a server down, streaming, the logs. One test stops a server and starts it again.
+The client code is molecule/resources/tests/gateway_client.py. Traffic stays inside the containers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gateway_client import (
+    CA,
+    GATEWAY,
+    INTERNAL,
+    KEY,
+    OUTSIDE_CA,
+    SERVED_NAME,
+    SERVERS,
+    SESSION_HEADER,
+    SESSIONS,
+    URL,
+    answered_by,
+    assert_logs_never_hold_the_key,
+    assert_spread_over_all_servers,
+    chat,
+    client_elsewhere,
+    curl,
+    host_named,
+    server_address,
+)
+from helpers import wait_until
+
+testinfra_hosts = [GATEWAY]
+RESTART_TIMEOUT = 120
+
+
+def _servers_of_sessions(host, order: list[str] = SESSIONS) -> dict[str, str]:
+    """Which server answered a request of each session (asked in `order`)."""
+    return {
+        session: answered_by(
+            curl(host, f"{URL}/v1/models", extra=("--header", f"{SESSION_HEADER}: {session}"))
+        )
+        for session in order
+    }
+
+
+def test_nginx_runs_and_its_configuration_passes_nginx_t(host) -> None:
+    nginx = host.service("nginx")
+    assert nginx.is_enabled
+    assert nginx.is_running
+    assert host.run("nginx -t").rc == 0
+
+
+def test_listens_on_https_http_and_loopback_only_for_the_internal_listener(host) -> None:
+    assert host.socket("tcp://0.0.0.0:443").is_listening
+    assert host.socket("tcp://0.0.0.0:80").is_listening
+    assert host.socket("tcp://127.0.0.1:8090").is_listening
+    assert not host.socket("tcp://0.0.0.0:8090").is_listening
+
+
+def test_api_key_and_tls_key_files_are_private(host) -> None:
+    key_file = host.file("/etc/nginx/vllm-gateway/api-key.conf")
+    assert (key_file.user, key_file.group, key_file.mode) == ("root", "www-data", 0o640)
+    tls_key = host.file("/etc/nginx/vllm-gateway/tls/gateway.key")
+    assert (tls_key.user, tls_key.mode) == ("root", 0o600)
+    assert KEY not in host.file("/etc/nginx/conf.d/vllm-gateway.conf").content_string
+
+
+def _address_seen_from_outside(outside) -> str:
+    """The gateway's IPv4 address on the test network, as another host resolves its name."""
+    return outside.check_output("getent ahostsv4 %s", GATEWAY).split()[0]
+
+
+def test_certificate_names_the_gateway_by_name_and_by_address(host) -> None:
+    # vllm_gateway_tls_names' default: the inventory name and every address of the host
+    sans = host.check_output("openssl x509 -in %s -noout -ext subjectAltName", CA)
+    names = {item.strip() for item in sans.splitlines()[-1].split(",")}
+    assert f"DNS:{GATEWAY}" in names, sans
+    assert f"IP Address:{_address_seen_from_outside(client_elsewhere(host))}" in names, sans
+    assert "IP Address:127.0.0.1" in names, sans
+
+
+def test_a_client_elsewhere_on_the_network_verifies_the_gateway(host) -> None:
+    outside = client_elsewhere(host)
+    cmd = outside.run(
+        "curl --silent --show-error --max-time 60 --cacert %s"
+        " --header %s --write-out '%%{http_code}' --output /dev/null %s",
+        OUTSIDE_CA,
+        f"Authorization: Bearer {KEY}",
+        f"{URL}/v1/models",
+    )
+    assert cmd.rc == 0, cmd.stderr
+    assert cmd.stdout == "200"
+
+
+def test_a_client_elsewhere_verifies_the_gateway_by_its_address(host) -> None:
+    # curl checks the address against the certificate's IP SANs (no --insecure, no --resolve)
+    outside = client_elsewhere(host)
+    address = _address_seen_from_outside(outside)
+    cmd = outside.run(
+        "curl --silent --show-error --max-time 60 --cacert %s"
+        " --write-out '%%{http_code}' --output /dev/null %s",
+        OUTSIDE_CA,
+        f"https://{address}/health",
+    )
+    assert cmd.rc == 0, cmd.stderr
+    assert cmd.stdout == "200"
+
+
+def test_plain_http_redirects_the_page_and_refuses_the_api(host) -> None:
+    # A client set up with http:// has sent its key in cleartext by the time the gateway answers: a
+    # redirect would make it work and go on doing so. The API is refused; the page is redirected.
+    outside = client_elsewhere(host)
+    out = outside.check_output(
+        "curl --silent --output /dev/null --write-out '%%{http_code} %%{redirect_url}' %s",
+        f"http://{GATEWAY}/?tab=chat",
+    )
+    assert out == f"308 {URL}/?tab=chat"
+    chat = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    for path, body in (
+        ("/v1", None),
+        ("/v1/models", None),
+        ("/v1/chat/completions", chat),
+        ("/v2/x", None),
+    ):
+        reply = curl(outside, f"http://{GATEWAY}{path}", body=body, ca=OUTSIDE_CA)
+        assert reply.status == 403, (path, reply)
+        assert reply.headers["content-type"] == "application/json"
+        assert reply.json()["error"]["code"] == "https_required"
+        assert "https://" in reply.json()["error"]["message"]
+        assert "location" not in reply.headers
+        assert "x-upstream" not in reply.headers  # no server was asked
+
+
+def test_health_answers_without_a_key(host) -> None:
+    assert curl(host, f"{URL}/health", key=None).status == 200
+
+
+def test_right_key_lists_the_model(host) -> None:
+    reply = curl(host, f"{URL}/v1/models")
+    assert reply.status == 200
+    assert SERVED_NAME in [m["id"] for m in reply.json()["data"]]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [None, "wrong-key", KEY + "x", KEY.swapcase() if KEY.swapcase() != KEY else "X"],
+    ids=["no-key", "wrong-key", "key-plus-a-character", "key-in-other-case"],
+)
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/v1/models", None), ("/v1/chat/completions", chat()), ("/v1/completions", {})],
+)
+def test_a_missing_or_wrong_key_gets_401_at_the_edge(
+    host, key: str | None, path: str, body: dict | None
+) -> None:
+    reply = curl(host, URL + path, key=key, body=body)
+    assert reply.status == 401
+    # nginx's own OpenAI-style answer: the request never reached a server
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    assert "x-upstream" not in reply.headers
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/tokenize",
+        "/detokenize",
+        "/pause",
+        "/resume",
+        "/invocations",
+        "/metrics",
+        "/version",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/load_lora_adapter",
+        "/v1",
+        "/v2/rerank",
+        "/collective_rpc",
+        "/openapi.json",
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_vllm_endpoints_outside_the_allowlist_are_not_reachable(
+    host, path: str, method: str
+) -> None:
+    body = {"model": SERVED_NAME, "prompt": "hello"} if method == "POST" else None
+    reply = curl(host, URL + path, body=body, method=method)
+    assert reply.status in (403, 404), reply.body
+    assert "x-upstream" not in reply.headers
+
+
+def test_requests_are_spread_over_both_servers(host) -> None:
+    assert_spread_over_all_servers(host)
+
+
+def test_streaming_passes_through_tls_unbuffered(host) -> None:
+    # Timestamps each line as it arrives on the gateway host: with buffering the lines would all
+    # arrive together at the end; unbuffered they are spread over the generation of 16 tokens.
+    script = (
+        "import json, ssl, sys, time, http.client\n"
+        "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+        "conn = http.client.HTTPSConnection(sys.argv[2], context=ctx, timeout=120)\n"
+        "conn.request('POST', '/v1/chat/completions', body=sys.argv[3],\n"
+        "             headers={'Authorization': 'Bearer ' + sys.argv[4],\n"
+        "                      'Content-Type': 'application/json'})\n"
+        "resp = conn.getresponse()\n"
+        "print(json.dumps([resp.status, dict(resp.getheaders())]))\n"
+        "for raw in resp:\n"
+        "    line = raw.decode().strip()\n"
+        "    if line:\n"
+        "        print(json.dumps([time.monotonic(), line]))\n"
+    )
+    out = host.check_output(
+        "python3 -c %s %s %s %s %s", script, CA, GATEWAY, json.dumps(chat(16, stream=True)), KEY
+    )
+    (status, headers), *events = (json.loads(line) for line in out.splitlines())
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["X-Accel-Buffering"] == "no"
+    lines = [line for _, line in events]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert len(chunks) >= 4
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text != ""
+    spread = events[-1][0] - events[0][0]
+    assert spread > 0.03, f"all {len(events)} events arrived within {spread:.3f} s: buffered?"
+
+
+def test_non_streamed_chat_completion_through_the_gateway(host) -> None:
+    reply = curl(host, f"{URL}/v1/chat/completions", body=chat())
+    assert reply.status == 200
+    assert reply.json()["usage"]["completion_tokens"] > 0
+
+
+def test_internal_listener_serves_the_same_paths_with_the_same_key(host) -> None:
+    def status(path: str, key: str | None = KEY) -> str:
+        auth = ["--header", f"Authorization: Bearer {key}"] if key else []
+        return host.check_output(
+            "curl --silent --max-time 60 --output /dev/null --write-out '%%{http_code}'"
+            + " %s" * len(auth)
+            + " %s",
+            *auth,
+            INTERNAL + path,
+        )
+
+    assert status("/v1/models") == "200"
+    assert status("/v1/models", key=None) == "401"
+    assert status("/v1/models", key="wrong-key") == "401"
+    assert status("/health", key=None) == "200"
+    assert status("/tokenize") == "404"
+    assert status("/metrics") == "403"
+
+
+def test_a_session_goes_back_to_the_server_that_served_it(host) -> None:
+    first = _servers_of_sessions(host)
+    # asked again in other orders: taking turns (least_conn's tie-break) would send them elsewhere
+    for order in (SESSIONS[::-1], SESSIONS[1:] + SESSIONS[:1], SESSIONS[::2] + SESSIONS[1::2]):
+        assert _servers_of_sessions(host, order) == first
+    # and the sessions are spread over every server
+    assert set(first.values()) == {server_address(host, name) for name in SERVERS}
+
+
+def test_a_session_request_reaches_the_matched_path_only(host) -> None:
+    # nginx matches the normalised path; what reaches vLLM must be that path, not the raw URI
+    # (vLLM would serve /metrics/... as its metrics, which the allowlist keeps from key holders)
+    reply = curl(
+        host,
+        f"{URL}/metrics/../v1/models",
+        extra=("--path-as-is", "--header", f"{SESSION_HEADER}: raw-path"),
+    )
+    assert reply.status == 200, reply.body
+    assert reply.json()["data"][0]["id"] == SERVED_NAME
+
+
+def test_stopping_one_server_leaves_the_gateway_answering(host) -> None:
+    stopped_name = SERVERS[0]
+    stopped_address = server_address(host, stopped_name)
+    server = host_named(stopped_name)
+    sessions = _servers_of_sessions(host)
+    assert server.run("systemctl stop vllm").rc == 0
+    try:
+        assert not server.service("vllm").is_running
+        for _ in range(3):
+            for reply in (
+                curl(host, f"{URL}/v1/models"),
+                curl(host, f"{URL}/v1/chat/completions", body=chat()),
+            ):
+                assert reply.status == 200, reply.body
+                assert answered_by(reply) != stopped_address
+            assert curl(host, f"{URL}/health", key=None).status == 200
+        # the stopped server's sessions move to another server; the others stay where they were
+        moved = _servers_of_sessions(host)
+        assert stopped_address not in moved.values()
+        kept = {session for session, address in sessions.items() if address != stopped_address}
+        assert {session: moved[session] for session in kept} == {
+            session: sessions[session] for session in kept
+        }
+    finally:
+        assert server.run("systemctl start vllm").rc == 0
+        wait_until(
+            lambda: (
+                host.run("curl --silent --fail --max-time 5 http://%s/health", stopped_address).rc
+                == 0
+            ),
+            RESTART_TIMEOUT,
+            f"{stopped_name}: /health after its restart",
+        )
+
+
+def test_both_servers_answer_again_after_the_restart(host) -> None:
+    assert_spread_over_all_servers(host)
+
+
+def test_logs_never_hold_the_api_key(host) -> None:
+    # every test above sent the key; nginx's access log format has no Authorization header
+    assert_logs_never_hold_the_key(host)
