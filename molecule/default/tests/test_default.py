@@ -13,7 +13,7 @@ from base64 import b64decode
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import PYTHON, api, api_key, zen_cpu
+from helpers import PYTHON, api, api_key, run_with_secret, zen_cpu
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -33,12 +33,13 @@ def _curl(host, path: str, *args: str, key: str | None = None) -> tuple[int, str
     """curl the server with the right key (or `key`); return the HTTP status and the body.
     `args` are extra curl arguments, already shell-quoted."""
     auth = shlex.quote(f"Authorization: Bearer {api_key(host) if key is None else key}")
-    cmd = host.run(
+    rc, out, err = run_with_secret(
+        host,
         f"curl --silent --show-error --max-time 300 --write-out '\\n%{{http_code}}'"
-        f" -H {auth} {' '.join(args)} {shlex.quote(api(host) + path)}"
+        f" -H {auth} {' '.join(args)} {shlex.quote(api(host) + path)}",
     )
-    assert cmd.rc == 0, cmd.stderr
-    body, _, status = cmd.stdout.rpartition("\n")
+    assert rc == 0, err
+    body, _, status = out.rpartition("\n")
     return int(status), body
 
 
@@ -105,7 +106,9 @@ def test_environment_values_cannot_inject_a_variable(host) -> None:
     assert environ["VLLM_FLEET_QUOTING_PROBE"] == (
         'a "quoted" `word` $HOME \\ end\nVLLM_API_KEY=injected'
     )
-    assert environ["VLLM_API_KEY"] == api_key(host) != "injected"
+    key = api_key(host)
+    kept = environ["VLLM_API_KEY"] == key != "injected"  # a boolean: a failing == prints both keys
+    assert kept
 
 
 def test_unit_is_enabled_active_and_runs_as_the_service_user(host) -> None:
@@ -174,11 +177,14 @@ def test_models_answers_200_with_the_api_key_and_lists_the_served_name(host) -> 
 
 def test_api_key_never_reaches_the_command_line_the_unit_or_the_journal(host) -> None:
     key = api_key(host)
-    assert len(key) >= 16
+    length = len(key)  # a plain number: a failing len(key) would print the key
+    assert length >= 16
     pid = host.check_output("systemctl show --property MainPID --value vllm")
-    assert key not in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
-    assert key not in host.file("/etc/systemd/system/vllm.service").content_string
-    assert host.run("journalctl --no-pager | grep -qF -- %s", key).rc != 0
+    # booleans, not the texts: a failing `key not in text` would print the key
+    in_cmdline = key in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+    in_unit = key in host.file("/etc/systemd/system/vllm.service").content_string
+    in_journal = run_with_secret(host, "journalctl --no-pager | grep -qF -- %s", key)[0] == 0
+    assert (in_cmdline, in_unit, in_journal) == (False, False, False)
 
 
 def test_chat_completion_returns_generated_text(host) -> None:

@@ -46,6 +46,7 @@ from helpers import (
     cpu_flags,
     cpuinfo_without,
     run_playbook,
+    run_with_secret,
     server_state,
     zen_cpu,
 )
@@ -157,10 +158,12 @@ def _get(host, path: str, body: dict | None = None) -> dict:
     """GET (or POST `body` to) the server with its key; the parsed JSON answer."""
     auth = shlex.quote(f"Authorization: Bearer {api_key(host)}")
     data = f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}" if body else ""
-    out = host.check_output(
+    rc, out, err = run_with_secret(
+        host,
         f"curl --silent --show-error --fail-with-body --max-time 300 -H {auth} {data}"
-        f" {shlex.quote(api(host) + path)}"
+        f" {shlex.quote(api(host) + path)}",
     )
+    assert rc == 0, f"{err} {out[-500:]}"
     return json.loads(out)
 
 

@@ -30,7 +30,15 @@ from pathlib import Path
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, api_key, run_playbook, server_state, task_result, wait_until
+from helpers import (
+    api,
+    api_key,
+    run_playbook,
+    run_with_secret,
+    server_state,
+    task_result,
+    wait_until,
+)
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -52,7 +60,8 @@ def load() -> Iterator[None]:
     CLIENT.check_output("printf '%%s' %s > /tmp/rollout-ca.crt", GATEWAY.file(CA).content_string)
     CLIENT.check_output("printf '%%s' %s > /tmp/gateway_load.py", LOAD.read_text())
     CLIENT.check_output("rm -f %s %s", STOP, OUT)
-    CLIENT.check_output(
+    rc, _, err = run_with_secret(
+        CLIENT,
         "VLLM_API_KEY=%s nohup python3 /tmp/gateway_load.py --host %s --ca /tmp/rollout-ca.crt"
         " --workers 4 --pause 0.5 --max-seconds 1500 --stop %s --out %s"
         " > /tmp/rollout-load.log 2>&1 &",
@@ -61,6 +70,7 @@ def load() -> Iterator[None]:
         STOP,
         OUT,
     )
+    assert rc == 0, err
     time.sleep(10)
     try:
         yield

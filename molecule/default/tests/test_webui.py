@@ -13,7 +13,7 @@ from base64 import b64decode
 from pathlib import Path
 
 import testinfra.utils.ansible_runner
-from helpers import api_key
+from helpers import api_key, run_with_secret
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -87,12 +87,13 @@ def test_api_base_defaults_to_the_gateways_loopback_listener(host) -> None:
     # internal listener (load-balanced, same key), and the page lists the models through it
     environ = _environ(host)
     assert environ["VLLM_WEBUI_API_BASE"] == "http://127.0.0.1:8090/v1"
-    status = host.check_output(
+    rc, status, _ = run_with_secret(
+        host,
         "curl --silent --max-time 30 --output /dev/null --write-out '%%{http_code}'"
         " --header %s http://127.0.0.1:8090/v1/models",
         f"Authorization: Bearer {environ['VLLM_WEBUI_API_KEY']}",
     )
-    assert status == "200"
+    assert (rc, status) == (0, "200")
 
 
 def test_secrets_and_a_multi_line_prompt_reach_the_process_unchanged(host) -> None:
@@ -100,7 +101,8 @@ def test_secrets_and_a_multi_line_prompt_reach_the_process_unchanged(host) -> No
     environ = _environ(host)
     assert environ["VLLM_WEBUI_AUTH_PASSWORD"] == PASSWORD
     assert environ["VLLM_WEBUI_SYSTEM_PROMPT"] == SYSTEM_PROMPT
-    assert environ["VLLM_WEBUI_API_KEY"] == API_KEY
+    same_key = environ["VLLM_WEBUI_API_KEY"] == API_KEY  # a boolean: a failing == prints both
+    assert same_key
     assert environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
@@ -126,7 +128,18 @@ def test_webui_suites_from_the_controller(host) -> None:
         VLLM_WEBUI_TEST_PASSWORD=PASSWORD,
     )
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs", "tests/webui"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-v",
+            "-rs",
+            # no function arguments in a failure's frames: they hold the API key
+            "--tb=short",
+            "tests/webui",
+        ],
         cwd=PROJECT,
         env=env,
         capture_output=True,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key
+from helpers import api_key, run_with_secret
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -84,9 +84,9 @@ def curl(
     if method:
         args += ["--request", method]
     args += list(extra)
-    cmd = host.run("curl " + " ".join(["%s"] * (len(args) + 1)), *args, url)
-    assert cmd.rc == 0, cmd.stderr
-    head, _, text = cmd.stdout.replace("\r\n", "\n").partition("\n\n")
+    rc, out, err = run_with_secret(host, "curl " + " ".join(["%s"] * (len(args) + 1)), *args, url)
+    assert rc == 0, err
+    head, _, text = out.replace("\r\n", "\n").partition("\n\n")
     status_line, *lines = head.splitlines()
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     return Reply(int(status_line.split()[1]), headers, text)
@@ -141,5 +141,5 @@ def chat(max_tokens: int = 4, stream: bool = False, messages: list | None = None
 
 def assert_logs_never_hold_the_key(gateway) -> None:
     """No line of nginx's logs on `gateway` holds the API key (counted, never printed)."""
-    cmd = gateway.run("grep -rcF -- %s /var/log/nginx/", KEY)
-    assert cmd.rc == 1, cmd.stdout
+    rc, counts, _ = run_with_secret(gateway, "grep -rcF -- %s /var/log/nginx/", KEY)
+    assert rc == 1, counts

@@ -54,6 +54,15 @@ def wait_until(
     return value
 
 
+def run_with_secret(host, command: str, *args: str) -> tuple[int, str, str]:
+    """Run a command on `host` whose arguments hold a secret (the API key); its exit code, output
+    and errors as plain values. Never assert on testinfra's result itself, nor use check_output, for
+    such a command: their failure messages print the command, with the secret, into the CI log.
+    (A failure's frames print no function arguments: the verifier runs pytest with --tb=short.)"""
+    result = host.run(command, *args)
+    return result.rc, result.stdout, result.stderr
+
+
 def api_key(host) -> str:
     """The API key, as the service reads it from its environment file."""
     # written double-quoted, with \\ " ` $ backslash-escaped (systemd's EnvironmentFile syntax); a
@@ -124,6 +133,13 @@ def task_result(out: str, task: str, host: str) -> str:
         if found:
             return found[0]
     raise AssertionError(f"no result of {task!r} for {host}: {sections}")
+
+
+def recap_changed(out: str, name: str) -> int:
+    """How many tasks changed `name`, as the run's recap counts them."""
+    found = re.search(rf"{re.escape(name)}\s*: ok=\d+\s+changed=(\d+)", out)
+    assert found, out[-2000:]
+    return int(found.group(1))
 
 
 def run_playbook(
