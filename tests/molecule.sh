@@ -61,7 +61,7 @@ fi
 
 # --all alone (make test): every scenario, side by side. The default one (by far the longest) runs in
 # the foreground, the others in the background with their output in .cache/molecule/<scenario>.log,
-# printed once both have ended. Measured once on a 2-core Intel host: the conda scenario and the
+# printed once all have ended. Measured once (conda the only other scenario then) on a 2-core Intel host: the conda scenario and the
 # default one's create, prepare and converge took 943 s side by side against ~1135 s one after the
 # other (~3 min saved; the cores were busy most of the time, so most of conda's time still adds up).
 # Their containers, networks, ephemeral folders and controller archives are their own; a scenario

@@ -34,7 +34,8 @@ class Exchange:
 
     path: str
     request: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)  # request headers, names in lower case
+    # request headers, names in lower case; not in a failing test's report (they hold the API key)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     status: int = 0
     response: bytes = b""
     finished: threading.Event = field(default_factory=threading.Event)

@@ -137,10 +137,9 @@ def test_a_revision_that_does_not_exist_is_refused_before_any_download(host) -> 
 
 
 def test_a_staging_folder_left_by_an_earlier_run_is_removed_by_the_next(host) -> None:
-    model = MODEL
-    stale = f"{model}/.staging-0123456789abcdef0123456789abcdef01234567"
+    stale = f"{MODEL}/.staging-0123456789abcdef0123456789abcdef01234567"
     before = host.file(UNIT).sha256sum
-    served = host.file(f"{model}/current").linked_to
+    served = host.file(f"{MODEL}/current").linked_to
     try:
         host.check_output(f"mkdir -p {stale} && head -c 1M /dev/zero > {stale}/model.safetensors")
         rc, out = _stage("model.yml")
@@ -148,8 +147,8 @@ def test_a_staging_folder_left_by_an_earlier_run_is_removed_by_the_next(host) ->
         assert f"(item={stale})" in out, out[-3000:]
         assert recap_changed(out, HOST) == 1
         assert not host.file(stale).exists
-        assert host.run(f"ls -d {model}/.staging-*").rc != 0
-        assert host.file(f"{model}/current").linked_to == served
+        assert host.run(f"ls -d {MODEL}/.staging-*").rc != 0
+        assert host.file(f"{MODEL}/current").linked_to == served
         assert host.file(UNIT).sha256sum == before
         assert host.service("vllm").is_running
     finally:
