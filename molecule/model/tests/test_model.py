@@ -16,7 +16,7 @@ import re
 
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import recap_changed, run_playbook
+from helpers import address_of, host_named, recap_changed, run_playbook
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -24,7 +24,7 @@ SERVERS = RUNNER.get_hosts("vllm_servers")
 HOST, CACHE_NAME = SERVERS[-1], SERVERS[0]
 testinfra_hosts = [HOST]
 MIRROR_NAME = RUNNER.get_hosts("model_mirror")[0]
-MIRROR = testinfra.get_host(f"ansible://{MIRROR_NAME}?ansible_inventory={INVENTORY}")
+MIRROR = host_named(MIRROR_NAME)
 HUB = f"http://{MIRROR_NAME}:8080"  # the stand-in for https://huggingface.co
 SRV = "/srv/hf-standin"
 UNIT = "/etc/systemd/system/vllm.service"
@@ -48,7 +48,7 @@ def _oid(repo: str = "Qwen/Qwen2.5-1.5B-Instruct") -> str:
 
 def test_both_servers_publish_the_mirrors_weights_verified(host) -> None:
     for name in SERVERS:
-        server = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+        server = host_named(name)
         current = server.file(f"{MODEL}/current")
         assert current.is_symlink, name
         assert re.fullmatch(r"[0-9a-f]{40}", os.path.basename(current.linked_to)), current.linked_to
@@ -60,8 +60,8 @@ def test_both_servers_publish_the_mirrors_weights_verified(host) -> None:
 
 def test_the_second_server_took_the_weights_from_the_fleet_cache(host) -> None:
     # the cache host's nginx names each download by the peer's address (model-2's, on this network)
-    cache = testinfra.get_host(f"ansible://{CACHE_NAME}?ansible_inventory={INVENTORY}")
-    peer = cache.check_output("getent ahostsv4 %s | awk 'NR == 1 {print $1}'", HOST)
+    cache = host_named(CACHE_NAME)
+    peer = address_of(cache, HOST)
     log = cache.check_output("cat %s %s.1 2>/dev/null || true", CACHE_LOG, CACHE_LOG)  # logrotate
     fetched = re.findall(
         rf'^{re.escape(peer)} \S+ \S+ \[[^]]+\] "GET (\S+) HTTP/[\d.]+" 200 ', log, re.MULTILINE
@@ -169,7 +169,7 @@ def test_the_model_token_is_sent_to_the_model_host_only_and_left_nowhere(host) -
         "vllm_model_token": token,
     }
     try:
-        address = host.check_output("getent ahostsv4 %s | awk 'NR == 1 {print $1}'", MIRROR_NAME)
+        address = address_of(host, MIRROR_NAME)
         git = f"GIT_INDEX_FILE=/tmp/scoped.index git --git-dir={repo}"
         MIRROR.check_output(
             f"rm -rf {repo} {SRV}/lfs/Qwen/Scoped /tmp/scoped.*"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api_key, run_with_secret
+from helpers import address_of, api_key, host_named, run_with_secret
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -41,10 +41,6 @@ VLLM_PORT = 8000
 # sends every request of a session to the same server, the one that holds its prefix in cache.
 SESSION_HEADER = "X-Session-ID"
 SESSIONS = [f"conversation-{i}" for i in range(16)]
-
-
-def host_named(name: str) -> testinfra.host.Host:
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
 
 
 # The key the servers and the gateway share, as the first server reads it (from Vault, via its
@@ -107,7 +103,7 @@ def answered_by(reply: Reply) -> str:
 
 def server_address(host, name: str) -> str:
     """ip:port of a server as nginx reports it ($upstream_addr): its address on the test network."""
-    return f"{host.check_output('getent ahostsv4 %s', name).split()[0]}:{VLLM_PORT}"
+    return f"{address_of(host, name)}:{VLLM_PORT}"
 
 
 def assert_spread_over_all_servers(host) -> None:

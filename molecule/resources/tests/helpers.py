@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import testinfra
 
 PYTHON = "/opt/vllm/venv/bin/python"  # the servers' Python environment (roles/python_env's venv)
 
@@ -24,6 +25,18 @@ PYTHON = "/opt/vllm/venv/bin/python"  # the servers' Python environment (roles/p
 ENDED = re.compile(
     r"its process ended during the start \(vllm\.service: \w+/[\w-]+, \d+ automatic restarts\)"
 )
+
+
+def host_named(name: str) -> testinfra.host.Host:
+    """The scenario's host `name`, reached as the tests' own hosts are (Ansible's connection)."""
+    return testinfra.get_host(
+        f"ansible://{name}?ansible_inventory={os.environ['MOLECULE_INVENTORY_FILE']}"
+    )
+
+
+def address_of(host, name: str) -> str:
+    """The IPv4 address of host `name` on the test network, as `host` resolves the name."""
+    return host.check_output("getent ahostsv4 %s", name).split()[0]
 
 
 def api(host) -> str:
