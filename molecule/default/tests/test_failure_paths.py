@@ -23,6 +23,7 @@ from helpers import (
     api,
     api_key,
     cpuinfo_without,
+    host_named,
     recap_changed,
     run_playbook,
     run_with_secret,
@@ -35,7 +36,7 @@ INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
 HOST, BUILDER = SERVERS[-1], SERVERS[0]
 testinfra_hosts = [HOST]
-BUILDER_HOST = testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
+BUILDER_HOST = host_named(BUILDER)
 UNIT = "/etc/systemd/system/vllm.service"
 
 
@@ -81,7 +82,7 @@ def fleet_restored() -> Iterator[None]:
     """Whatever the test did to the servers, a good run of the service stage restores them: all in
     one batch (no load runs by then), every server restarted (a rolling restart), which also proves
     a batch of more than one restarting server on any CPU."""
-    hosts = [testinfra.get_host(f"ansible://{n}?ansible_inventory={INVENTORY}") for n in SERVERS]
+    hosts = [host_named(n) for n in SERVERS]
     yield
     before = [server_state(h)[2] for h in hosts]
     rc, out = _stage(

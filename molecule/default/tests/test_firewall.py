@@ -18,16 +18,14 @@ from collections.abc import Iterator
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, api_key, wait_until
+from helpers import api, api_key, host_named, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 SERVERS = RUNNER.get_hosts("vllm_servers")
 testinfra_hosts = SERVERS
-GATEWAY = testinfra.get_host(
-    f"ansible://{RUNNER.get_hosts('gateway')[0]}?ansible_inventory={INVENTORY}"
-)
-OUTSIDE = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
+GATEWAY = host_named(RUNNER.get_hosts("gateway")[0])
+OUTSIDE = host_named("hf-standin")
 # curl's exit code for "Failed to connect": the firewall answers with a TCP reset (not a time-out).
 REFUSED = 7
 BOOT_TIMEOUT = 600
@@ -98,7 +96,7 @@ def test_rules_coexist_with_a_table_of_the_host(host) -> None:
 
 
 # One server is rebooted (restarting both would double the wait on a 2-core machine).
-REBOOTED = testinfra.get_host(f"ansible://{SERVERS[-1]}?ansible_inventory={INVENTORY}")
+REBOOTED = host_named(SERVERS[-1])
 
 
 def _healthy_from_the_gateway(server) -> bool:

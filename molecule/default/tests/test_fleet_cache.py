@@ -20,18 +20,16 @@ from urllib.parse import unquote
 
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import run_playbook
+from helpers import host_named, run_playbook
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 SERVERS = RUNNER.get_hosts("vllm_servers")
 CACHE_NAME, PEER_NAME = SERVERS[0], SERVERS[-1]
 testinfra_hosts = [PEER_NAME]
-CACHE = testinfra.get_host(f"ansible://{CACHE_NAME}?ansible_inventory={INVENTORY}")
-GATEWAY = testinfra.get_host(
-    f"ansible://{RUNNER.get_hosts('gateway')[0]}?ansible_inventory={INVENTORY}"
-)
-OUTSIDE = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
+CACHE = host_named(CACHE_NAME)
+GATEWAY = host_named(RUNNER.get_hosts("gateway")[0])
+OUTSIDE = host_named("hf-standin")
 MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct"
 ROOT = "/var/cache/vllm-fleet"
 LOG = "/var/log/nginx/vllm-fleet-cache.access.log"

@@ -14,13 +14,13 @@ from urllib.parse import quote
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import api, run_playbook, serving, wait_until
+from helpers import api, host_named, run_playbook, serving, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
 testinfra_hosts = RUNNER.get_hosts("monitoring")
 SERVERS = RUNNER.get_hosts("vllm_servers")
-OUTSIDE = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
+OUTSIDE = host_named("hf-standin")
 PROMETHEUS = "http://127.0.0.1:9090"
 ALERT_TIMEOUT = 180
 
@@ -66,7 +66,7 @@ def test_every_hosts_node_exporter_is_scraped(host) -> None:
 
 @pytest.mark.parametrize("server", SERVERS)
 def test_node_exporter_is_refused_to_other_hosts(server: str) -> None:
-    address = api(testinfra.get_host(f"ansible://{server}?ansible_inventory={INVENTORY}"))
+    address = api(host_named(server))
     address = address.split("//")[1].rsplit(":", 1)[0]
     cmd = OUTSIDE.run(
         "curl --silent --max-time 10 --output /dev/null http://%s:9100/metrics", address
@@ -97,7 +97,7 @@ def stopped_server(host) -> Iterator[str]:
         3,
     )
     name = SERVERS[-1]
-    server = testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
+    server = host_named(name)
     server.check_output("systemctl stop vllm")
     try:
         yield name

@@ -19,13 +19,20 @@ from collections.abc import Iterator
 import pytest
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import ENDED, PYTHON, run_playbook, server_state, serving, task_result, wait_until
+from helpers import (
+    ENDED,
+    PYTHON,
+    host_named,
+    run_playbook,
+    server_state,
+    serving,
+    task_result,
+    wait_until,
+)
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
-HOSTS = {
-    name: testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}") for name in SERVERS
-}
+HOSTS = {name: host_named(name) for name in SERVERS}
 BAD, GOOD = SERVERS[-1], SERVERS[0]
 GATEWAY = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("gateway")[0]
 START_TIMEOUT = 600

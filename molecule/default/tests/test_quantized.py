@@ -45,6 +45,7 @@ from helpers import (
     api_key,
     cpu_flags,
     cpuinfo_without,
+    host_named,
     run_playbook,
     run_with_secret,
     server_state,
@@ -130,10 +131,6 @@ class Deployed:
     before: tuple[str, str, str]  # the unit's and environment file's sha256 and vLLM's main pid
     after: tuple[str, str, str]
     seen: dict[str, Any] = field(default_factory=dict)  # the server right after (_observe)
-
-
-def _host(name: str):  # noqa: ANN202 - a testinfra Host
-    return testinfra.get_host(f"ansible://{name}?ansible_inventory={INVENTORY}")
 
 
 def _stage(playbook: str, hosts: list[str], host_vars: dict, **extra: object) -> tuple[int, str]:
@@ -222,7 +219,7 @@ def _deploy(keys: tuple[str, ...]) -> dict[str, Deployed]:
     """Each checkpoint of `keys` deployed on its server: the model stage for all, then one service
     stage for the servers that can run theirs (side by side) and one for each that cannot (its
     preflight stops the run); each server observed right after."""
-    hosts = {key: _host(PLACED[key]) for key in keys}
+    hosts = {key: host_named(PLACED[key]) for key in keys}
     for host in hosts.values():
         # the flags below must be the CPU's: a killed run may have left its fake cpuinfo mounted
         assert not host.file(CPUINFO_COPY).exists, f"{CPUINFO_COPY} is left mounted: umount it"
@@ -252,7 +249,7 @@ def deployed() -> Iterator[dict[str, Deployed]]:
     """The first round's checkpoints deployed (`_deploy`). Afterwards, also after the later rounds,
     the service stage with the fleet's own model, and the checkpoints' folders go."""
     servers = sorted(set(PLACED.values()))
-    hosts = [_host(name) for name in servers]
+    hosts = [host_named(name) for name in servers]
     try:
         yield _deploy(ROUNDS[0])
     finally:
@@ -267,7 +264,7 @@ def deployed() -> Iterator[dict[str, Deployed]]:
 
 def _assert_deployed(key: str, done: Deployed) -> None:
     """Served, as that kind of checkpoint, where the CPU can run it; refused where it cannot."""
-    checkpoint, host = CHECKPOINTS[key], _host(PLACED[key])
+    checkpoint, host = CHECKPOINTS[key], host_named(PLACED[key])
     if not done.runnable:
         _assert_refused(checkpoint, done)
         return
@@ -314,14 +311,14 @@ def without_avx512(deployed: dict[str, Deployed]) -> Iterator[str]:
     running vLLM is not affected), restored afterwards; yields its name. After `deployed`, which
     put the checkpoint's folder on that server."""
     name = PLACED["gptq-int4"]
-    host = _host(name)
+    host = host_named(name)
     with cpuinfo_without(host, "avx512[a-z0-9_]*|amx[a-z0-9_]*"):
         assert not {"avx512f", "amx_tile"} & set(cpu_flags(host))
         yield name
 
 
 def test_a_4bit_checkpoint_is_refused_on_a_cpu_without_avx512(without_avx512: str) -> None:
-    checkpoint, host = CHECKPOINTS["gptq-int4"], _host(without_avx512)
+    checkpoint, host = CHECKPOINTS["gptq-int4"], host_named(without_avx512)
     before = server_state(host)
     rc, out = _stage("serve.yml", [without_avx512], {without_avx512: _deploying(checkpoint)})
     _assert_refused(checkpoint, Deployed(False, rc, out, before, server_state(host)))
@@ -331,7 +328,7 @@ def _preflight_only(name: str, checkpoint: Checkpoint, refused: bool = False) ->
     """The service stage's checks only (read-only, on any CPU) on server `name`, pointed at
     `checkpoint`: refused, in words, or passed without a change (its recap); either way the unit is
     not written and the server is as before. The run's output, for what the test checks more."""
-    host = _host(name)
+    host = host_named(name)
     before = server_state(host)
     rc, out = run_playbook(
         "playbooks/serve.yml",
@@ -357,7 +354,7 @@ def without_vnni(deployed: dict[str, Deployed]) -> Iterator[str]:
     dot product), restored afterwards; yields its name. After `deployed`, which serves the
     checkpoint there."""
     name = PLACED["w8a8"]
-    host = _host(name)
+    host = host_named(name)
     with cpuinfo_without(host, "avx512[a-z0-9_]*|amx[a-z0-9_]*|avx_vnni"):
         assert not INT8_DOT_PRODUCT & set(cpu_flags(host))
         yield name
@@ -396,7 +393,7 @@ def without_zentorch(deployed_later: dict[str, Deployed]) -> Iterator[str]:
     checkpoint's folder on that server. Where zentorch is not installed (off AMD), nothing is
     hidden."""
     name = PLACED["w4a16"]
-    host = _host(name)
+    host = host_named(name)
     where = "import importlib.util as u; s = u.find_spec('zentorch'); print(s.origin if s else '')"
     package, hidden = _zentorch_restored(host)
     origin = host.check_output("%s -c %s", PYTHON, where)
@@ -416,7 +413,7 @@ def test_w4a16_where_zentorch_is_not_found_is_warned(without_zentorch: str) -> N
     # the service stage's checks only (read-only): without zentorch vLLM runs W4A16 on
     # cpu_gemm_wna16 (measured slow), so the stage warns wherever the CPU has no AMX, on an AMD CPU
     # with AVX-512 too, and there it says how to install zentorch
-    checkpoint, host = CHECKPOINTS["w4a16"], _host(without_zentorch)
+    checkpoint, host = CHECKPOINTS["w4a16"], host_named(without_zentorch)
     flags = set(cpu_flags(host))
     refused = checkpoint.needs not in flags  # no 4-bit kernel at all: refused
     out = _preflight_only(without_zentorch, checkpoint, refused)

@@ -33,6 +33,7 @@ import testinfra.utils.ansible_runner
 from helpers import (
     api,
     api_key,
+    host_named,
     run_playbook,
     run_with_secret,
     server_state,
@@ -42,13 +43,10 @@ from helpers import (
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
-SERVERS = [
-    testinfra.get_host(f"ansible://{n}?ansible_inventory={INVENTORY}")
-    for n in RUNNER.get_hosts("vllm_servers")
-]
+SERVERS = [host_named(n) for n in RUNNER.get_hosts("vllm_servers")]
 GATEWAY_NAME = RUNNER.get_hosts("gateway")[0]
-GATEWAY = testinfra.get_host(f"ansible://{GATEWAY_NAME}?ansible_inventory={INVENTORY}")
-CLIENT = testinfra.get_host(f"ansible://hf-standin?ansible_inventory={INVENTORY}")
+GATEWAY = host_named(GATEWAY_NAME)
+CLIENT = host_named("hf-standin")
 CA = "/etc/nginx/vllm-gateway/tls/gateway.crt"
 LOAD = Path(__file__).parent / "files" / "gateway_load.py"
 STOP, OUT = "/tmp/rollout-load.stop", "/tmp/rollout-load.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import testinfra
 import testinfra.utils.ansible_runner
-from helpers import PYTHON
+from helpers import PYTHON, host_named
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -24,13 +24,9 @@ BUILDS = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "builds"  # vllm_bui
 WHEEL = "vllm-0.32.0+cpu-cp311-cp311-linux_x86_64.whl"
 
 
-def _builder():  # noqa: ANN202 - a testinfra Host
-    return testinfra.get_host(f"ansible://{BUILDER}?ansible_inventory={INVENTORY}")
-
-
 def _build_id() -> str:
     """The build the builder published (dist/<build id>/ holds exactly one wheel)."""
-    ids = _builder().check_output("ls /var/lib/vllm-build/dist").split()
+    ids = host_named(BUILDER).check_output("ls /var/lib/vllm-build/dist").split()
     ids = [i for i in ids if not i.endswith(".partial")]
     assert len(ids) == 1, ids
     return ids[0]
@@ -53,7 +49,7 @@ def test_the_wheel_was_built_with_the_cpu_target_on_the_builder_only(host) -> No
     assert manifest["kernels"] == ["_C", "_C_AVX2", "_C_AVX512"]
     assert (BUILDS / _build_id() / WHEEL).is_file()
     # built by the unprivileged build user, on the builder and nowhere else
-    built = _builder().file(f"/var/lib/vllm-build/dist/{_build_id()}/{WHEEL}")
+    built = host_named(BUILDER).file(f"/var/lib/vllm-build/dist/{_build_id()}/{WHEEL}")
     assert built.user == "vllm-build"
     if host.backend.get_hostname() != BUILDER:
         assert not host.file("/var/lib/vllm-build").exists
@@ -62,7 +58,7 @@ def test_the_wheel_was_built_with_the_cpu_target_on_the_builder_only(host) -> No
 
 def test_the_same_wheel_is_installed_on_every_server(host) -> None:
     wheel = host.file(f"/opt/vllm/wheels/{_build_id()}/{WHEEL}")
-    built = _builder().file(f"/var/lib/vllm-build/dist/{_build_id()}/{WHEEL}")
+    built = host_named(BUILDER).file(f"/var/lib/vllm-build/dist/{_build_id()}/{WHEEL}")
     assert wheel.sha256sum == built.sha256sum
     probe = host.check_output(
         PYTHON + " -c \"import importlib.metadata as m, json; d = m.distribution('vllm');"

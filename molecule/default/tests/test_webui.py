@@ -13,12 +13,12 @@ from base64 import b64decode
 from pathlib import Path
 
 import testinfra.utils.ansible_runner
-from helpers import api_key, run_with_secret
+from helpers import api_key, host_named, run_with_secret
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("gateway")
-SERVER = testinfra.get_host(f"ansible://vllm-1?ansible_inventory={INVENTORY}")
+SERVER = host_named("vllm-1")
 # The key the servers read from Vault; the login and prompt as in molecule.yml (group_vars).
 API_KEY = api_key(SERVER)
 USER, PASSWORD = "tester", 'pa ss"wo`rd$1\\x'
