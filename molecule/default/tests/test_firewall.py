@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import api, api_key, host_named, wait_until
 

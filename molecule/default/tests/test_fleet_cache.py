@@ -18,7 +18,6 @@ import os
 import re
 from urllib.parse import unquote
 
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import host_named, run_playbook
 

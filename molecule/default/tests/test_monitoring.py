@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import api, host_named, run_playbook, serving, wait_until
 

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import (
     ENDED,

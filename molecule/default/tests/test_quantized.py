@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import (
     CPUINFO_COPY,

@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import (
     api,

@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import PYTHON, host_named
 

@@ -14,7 +14,6 @@ import json
 import os
 import re
 
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import address_of, host_named, recap_changed, run_playbook
 
