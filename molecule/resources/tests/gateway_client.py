@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import testinfra
 import testinfra.utils.ansible_runner
 from helpers import address_of, api_key, host_named, run_with_secret
 
