@@ -1,6 +1,7 @@
 """Facts of other hosts, shared by the roles that open a port to a group of hosts (vllm_service's
 firewall, vllm_monitoring's node exporter): every address those hosts have, from their gathered
-facts (filter ``host_addresses``)."""
+facts (filter ``host_addresses``); and the one address the others reach a server on (filter
+``server_address``: the gateway's upstream, Prometheus's targets, the node exporter's bind)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,25 @@ def host_addresses(hostvars: Mapping[str, Any], hosts: Iterable[str] | None) -> 
     return found
 
 
+# Listen addresses that name no host: every interface, or not chosen yet.
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def server_address(hostvars: Mapping[str, Any], host: str) -> str:
+    """Return the address other hosts reach ``host``'s vLLM on: the address vllm_service publishes
+    (``vllm_service_listen_address``, in the same run or set in the inventory), else
+    ``vllm_service_host``, either unless it is a wildcard; else the host's default IPv4 address
+    (its facts), else ``ansible_host``, else the inventory name."""
+    hv = hostvars[host]
+    for name in ("vllm_service_listen_address", "vllm_service_host"):
+        value = str(hv.get(name) or "").strip()
+        if value not in _WILDCARDS:
+            return value
+    facts = hv.get("ansible_facts") or {}
+    default_ipv4 = (facts.get("default_ipv4") or {}).get("address")
+    return str(default_ipv4 or hv.get("ansible_host") or host).strip()
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"host_addresses": host_addresses}
+        return {"host_addresses": host_addresses, "server_address": server_address}

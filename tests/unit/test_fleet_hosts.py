@@ -1,4 +1,5 @@
-"""Every address of a group of hosts (plugins/filter/fleet_hosts.py)."""
+"""Every address of a group of hosts, and the one a server is reached on
+(plugins/filter/fleet_hosts.py)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,41 @@ def test_hosts_without_facts_or_outside_the_inventory_add_nothing() -> None:
     assert fleet_hosts.host_addresses(HOSTVARS, ["new-1", "absent"]) == []
     assert fleet_hosts.host_addresses(HOSTVARS, []) == []
     assert fleet_hosts.host_addresses(HOSTVARS, None) == []
+
+
+SERVERS = {
+    "published": {
+        "vllm_service_listen_address": " 10.0.0.11\n",
+        "ansible_facts": {"default_ipv4": {"address": "10.0.0.99"}},
+    },
+    "wildcard": {
+        "vllm_service_listen_address": "0.0.0.0",
+        "ansible_facts": {"default_ipv4": {"address": "10.0.0.12"}},
+    },
+    "set-host": {
+        "vllm_service_host": "fd00::13",
+        "ansible_facts": {"default_ipv4": {"address": "10.0.0.99"}},
+    },
+    "set-wildcard": {
+        "vllm_service_host": "::",
+        "ansible_facts": {"default_ipv4": {"address": "10.0.0.14"}},
+    },
+    "no-facts": {"ansible_host": "srv-15.example"},
+    "bare": {},
+}
+
+
+def test_the_published_listen_address_first_then_the_set_host() -> None:
+    assert fleet_hosts.server_address(SERVERS, "published") == "10.0.0.11"
+    assert fleet_hosts.server_address(SERVERS, "set-host") == "fd00::13"
+
+
+def test_a_wildcard_is_never_an_address_to_reach() -> None:
+    # vllm_service_host: 0.0.0.0 makes vLLM listen everywhere; the others reach it on its address
+    assert fleet_hosts.server_address(SERVERS, "wildcard") == "10.0.0.12"
+    assert fleet_hosts.server_address(SERVERS, "set-wildcard") == "10.0.0.14"
+
+
+def test_without_facts_the_inventorys_address_then_its_name() -> None:
+    assert fleet_hosts.server_address(SERVERS, "no-facts") == "srv-15.example"
+    assert fleet_hosts.server_address(SERVERS, "bare") == "bare"
