@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import api, api_key, host_named, wait_until
+from helpers import api, api_key, host_named, run_playbook, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -81,6 +82,67 @@ def test_rules_are_the_roles_own_table_loaded_by_an_enabled_unit(host) -> None:
     unit = host.file("/etc/systemd/system/vllm.service").content_string
     assert "After=network-online.target vllm-firewall.service" in unit
     assert "nft list table inet" in unit
+
+
+def test_stopping_the_firewall_unit_leaves_the_port_closed(host) -> None:
+    # Fail closed: `systemctl stop vllm-firewall` (an operator, a package's script) must not open
+    # the port while vLLM keeps listening; only the role removes the table (state absent).
+    base = api(host)
+    try:
+        host.check_output("systemctl stop vllm-firewall")
+        assert not host.service("vllm-firewall").is_running
+        for method, path in PROBES:
+            assert _probe(OUTSIDE, base, method, path)[0] == REFUSED, path
+        assert _probe(GATEWAY, base, "GET", "/health") == (0, "200")
+    finally:
+        host.check_output("systemctl start vllm-firewall")
+
+
+# fleet_common's port firewall on its own (the one of vllm_service, the node exporter and the fleet
+# cache), on a probe port of the gateway host: loaded, kept when its unit stops, removed with state
+# absent.
+PROBE_FIREWALL = """
+- hosts: {host}
+  become: true
+  gather_facts: false
+  tasks:
+    - ansible.builtin.include_role:
+        name: fleet_common
+        tasks_from: port_firewall.yml
+      vars:
+        fleet_common_firewall:
+          table: fw_probe
+          port: 9917
+          sources: []
+          rules_path: /etc/fw-probe.nft
+          unit: fw-probe.service
+          purpose: a probe port
+          before: fw-probe-service.service
+          state: "{{{{ probe_state }}}}"
+"""
+
+
+def test_the_port_firewall_is_kept_when_its_unit_stops_and_removed_only_by_the_role() -> None:
+    files = ("/etc/fw-probe.nft", "/etc/systemd/system/fw-probe.service")
+    dropin = "/etc/systemd/system/nftables.service.d/fw_probe.conf"
+    with tempfile.NamedTemporaryFile("w", suffix=".yml") as play:
+        play.write(PROBE_FIREWALL.format(host=RUNNER.get_hosts("gateway")[0]))
+        play.flush()
+        try:
+            rc, out = run_playbook(play.name, extra_vars={"probe_state": "present"})
+            assert rc == 0, out[-3000:]
+            assert "table inet fw_probe" in GATEWAY.check_output("nft list tables")
+            GATEWAY.check_output("systemctl stop fw-probe")
+            assert "table inet fw_probe" in GATEWAY.check_output("nft list tables")
+            rc, out = run_playbook(play.name, extra_vars={"probe_state": "absent"})
+            assert rc == 0, out[-3000:]
+            assert "table inet fw_probe" not in GATEWAY.check_output("nft list tables")
+            for path in (*files, dropin):
+                assert not GATEWAY.file(path).exists, path
+        finally:
+            GATEWAY.run("nft delete table inet fw_probe")
+            GATEWAY.run("rm -f %s %s %s", *files, dropin)
+            GATEWAY.run("systemctl daemon-reload")
 
 
 def test_rules_coexist_with_a_table_of_the_host(host) -> None:
