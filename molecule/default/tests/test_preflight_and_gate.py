@@ -68,6 +68,10 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         ("site.yml", {"vllm_service_kvcache_space_gib": 100000}, "does not fit", BAD),
         # a setting that must be the same on every host, given to one: the fleet cache's port
         ("site.yml", {"fleet_cache_port": 8071}, "The fleet cache settings differ", BAD),
+        # a vLLM version without a lock (a stage after the toolchain and Python reads the lock)
+        ("site.yml", {"vllm_install_version": "0.33.0"}, "No pinned requirements", BAD),
+        # a node exporter setting on a server (the monitoring stage, the last, runs the exporter)
+        ("site.yml", {"vllm_monitoring_node_exporter_port": "ninety"}, "node_exporter_port", BAD),
         # the memory budget (weights + KV cache + overhead): every server, before the rollout
         (
             "playbooks/serve.yml",
@@ -85,6 +89,8 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         "argument-spec",
         "settings",
         "fleet-agreement",
+        "unlocked-version",
+        "node-exporter-spec",
         "memory-budget",
         "short-api-key",
         "short-gateway-key",
@@ -100,8 +106,9 @@ def test_bad_value_on_one_host_leaves_every_host_unchanged(
         )
         bad_value = {"vllm_service_kvcache_space_gib": total_gib - 1}
     before = _state()
-    rc, out = _playbook(playbook, host_vars=bad_value, on=on, **CHANGE)
+    rc = None  # (none if the run itself raised)
     try:
+        rc, out = _playbook(playbook, host_vars=bad_value, on=on, **CHANGE)
         assert rc != 0
         assert message in out, out[-3000:]
         assert SHORT_KEY not in out and SHORT_PASSWORD not in out
@@ -110,7 +117,8 @@ def test_bad_value_on_one_host_leaves_every_host_unchanged(
         assert all(serving(host) for host in HOSTS.values())
     finally:
         if _state() != before or rc == 0:  # the run went on: every host as the scenario made it
-            _playbook("site.yml")
+            rc, out = _playbook("site.yml")
+            assert rc == 0, out[-3000:]
 
 
 @pytest.fixture
