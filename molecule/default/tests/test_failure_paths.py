@@ -53,17 +53,17 @@ def _stage(playbook: str, limit: str | None = HOST, **extra_vars: object) -> tup
 
 
 def test_oversized_kv_cache_is_refused_before_anything_changes(host) -> None:
-    before = host.file(UNIT).sha256sum
+    before = server_state(host)
     rc, out = _serve(vllm_service_kvcache_space_gib=100000)
     assert rc != 0
     assert "does not fit" in out and "lower vllm_service_kvcache_space_gib" in out
     assert "Write the systemd unit" not in out
-    assert host.file(UNIT).sha256sum == before
+    assert server_state(host) == before
     assert host.service("vllm").is_running
 
 
 def test_weights_plus_kv_cache_that_do_not_fit_are_refused_with_the_numbers(host) -> None:
-    before = host.file(UNIT).sha256sum
+    before = server_state(host)
     total_gib = int(host.check_output("awk '/MemTotal/ {print int($2 / 1048576)}' /proc/meminfo"))
     # passes the quick settings check (below the host's memory) but not the budget with overhead
     rc, out = _serve(vllm_service_kvcache_space_gib=total_gib - 1)
@@ -73,7 +73,7 @@ def test_weights_plus_kv_cache_that_do_not_fit_are_refused_with_the_numbers(host
     ]
     assert "does not fit in" in out
     assert "Write the systemd unit" not in out
-    assert host.file(UNIT).sha256sum == before
+    assert server_state(host) == before
     assert host.service("vllm").is_running
 
 
@@ -241,6 +241,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         manifest |= {"builder": "newer-builder", "glibc": "99.1", "build_id": plan.group(1)}
         (kept / "build.json").write_text(json.dumps(manifest))
         before = BUILDER_HOST.check_output(BUILD_FOLDERS)
+        pid = _main_pid(host)
         rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
         assert rc != 0
         glibc = host.check_output("getconf GNU_LIBC_VERSION").split()[-1]
@@ -253,7 +254,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
         assert recap_changed(out, BUILDER) == 0
         assert BUILDER_HOST.check_output(BUILD_FOLDERS) == before
-        assert host.service("vllm").is_running
+        assert host.service("vllm").is_running and _main_pid(host) == pid
     finally:
         shutil.rmtree(kept)
 
@@ -295,9 +296,8 @@ def test_a_lost_build_is_published_again_from_the_builder_without_compiling(host
         for wheel in wheels:
             assert (kept / wheel.name).read_bytes() == wheel.read_bytes()
     finally:
-        if kept.exists():
-            shutil.rmtree(moved, ignore_errors=True)
-        else:
+        if moved.exists():  # the set-aside build back, over whatever the run published
+            shutil.rmtree(kept, ignore_errors=True)
             moved.rename(kept)
 
 
@@ -370,12 +370,12 @@ def test_a_quantization_the_cpu_cannot_run_is_refused_before_anything_changes(ho
             " json.dump(c, open(p, 'w'))",
             probe,
         )
-        before = host.file(UNIT).sha256sum
+        before = server_state(host)
         rc, out = _serve(vllm_service_model_path=probe)
         assert rc != 0
         assert "GPTQ 8-bit weights have no CPU kernel in vLLM 0.32" in out, out[-3000:]
         assert "Write the systemd unit" not in out
-        assert host.file(UNIT).sha256sum == before
+        assert server_state(host) == before
         assert host.service("vllm").is_running
     finally:
         host.run("rm -rf %s", probe)

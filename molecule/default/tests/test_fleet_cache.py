@@ -136,7 +136,8 @@ def test_a_peer_cut_off_from_the_hub_gets_the_model_from_the_cache(host) -> None
         assert CACHE.check_output("ls -l --time-style=+%%s %s", MODEL) == cache_before
     finally:
         host.run("nft delete table inet vllm_test_nohub")
-        host.run("test -d %s && rm -rf %s || mv %s %s", served, aside, aside, served)
+        # the set-aside copy back, over whatever the run published
+        host.run("if test -d %s; then rm -rf %s && mv %s %s; fi", aside, served, aside, served)
 
 
 def test_a_file_that_differs_in_the_cache_is_never_published(host) -> None:
@@ -161,7 +162,8 @@ def test_a_file_that_differs_in_the_cache_is_never_published(host) -> None:
         CACHE.check_output("cp -a /tmp/config.json.orig %s/config.json", served)
         CACHE.run("rm -f /tmp/config.json.orig")
         host.run("rm -rf %s/.staging-%s", MODEL, commit)
-        host.run("test -d %s && rm -rf %s || mv %s %s", served, aside, aside, served)
+        # the set-aside copy back, over whatever the run published
+        host.run("if test -d %s; then rm -rf %s && mv %s %s; fi", aside, served, aside, served)
     assert CACHE.file(f"{served}/config.json").mode == mode
 
 

@@ -174,6 +174,7 @@ def test_a_rollout_of_every_server_loses_no_request(load: None) -> None:
     wait = f"at {began['wait'] - began['drain']:.1f} s" if "wait" in began else "never"
     timeline = [f"the wait began {wait}", *_timeline(answers, began["drain"])]
     assert waited in out, (timeline, out[-3000:])
+    assert answers, timeline
     for answer in answers:
         assert "ended" in answer, timeline
         assert "error" not in answer, timeline

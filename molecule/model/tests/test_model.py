@@ -15,7 +15,7 @@ import os
 import re
 
 import testinfra.utils.ansible_runner
-from helpers import address_of, host_named, recap_changed, run_playbook
+from helpers import address_of, host_named, recap_changed, run_playbook, server_state
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
@@ -26,7 +26,6 @@ MIRROR_NAME = RUNNER.get_hosts("model_mirror")[0]
 MIRROR = host_named(MIRROR_NAME)
 HUB = f"http://{MIRROR_NAME}:8080"  # the stand-in for https://huggingface.co
 SRV = "/srv/hf-standin"
-UNIT = "/etc/systemd/system/vllm.service"
 MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct"
 CACHE_LOG = "/var/log/nginx/vllm-fleet-cache.access.log"
 
@@ -77,6 +76,7 @@ def test_the_second_server_took_the_weights_from_the_fleet_cache(host) -> None:
 def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None:
     good = f"{SRV}/git/Qwen/Qwen2.5-1.5B-Instruct"
     oid = _oid()
+    before = server_state(host)
     # A copy of the repository whose LFS store lacks the weights: git-lfs breaks off mid-checkout.
     MIRROR.check_output(
         f"rm -rf {SRV}/git/Qwen/Broken {SRV}/lfs/Qwen/Broken"
@@ -99,6 +99,7 @@ def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None
         # the half-written clone stays in its staging folder; nothing is published under its sha
         assert any(name.startswith(".staging-") for name in entries)
         assert not any(re.fullmatch("[0-9a-f]{40}", name) for name in entries)
+        assert server_state(host) == before
         assert host.service("vllm").is_running
 
         # The weights are back: the next run throws the staging folder away and redoes the clone.
@@ -116,7 +117,7 @@ def test_a_broken_off_model_download_is_never_served_and_is_redone(host) -> None
 
 
 def test_a_revision_that_does_not_exist_is_refused_before_any_download(host) -> None:
-    before = host.file(UNIT).sha256sum
+    before = server_state(host)
     settings = {"vllm_model_revision": "a" * 40, "vllm_model_name": "NoSuchRevision"}
     try:
         rc, out = _stage("model.yml", **settings)
@@ -129,7 +130,7 @@ def test_a_revision_that_does_not_exist_is_refused_before_any_download(host) -> 
         # resolved before anything was created: no staging clone, no sha folder, no model folder
         assert not host.file("/opt/vllm/models/NoSuchRevision").exists
         assert host.run("ls -d /tmp/vllm-model-resolve-*").rc != 0
-        assert host.file(UNIT).sha256sum == before
+        assert server_state(host) == before
         assert host.service("vllm").is_running
     finally:
         host.run("rm -rf /opt/vllm/models/NoSuchRevision")
@@ -137,7 +138,7 @@ def test_a_revision_that_does_not_exist_is_refused_before_any_download(host) -> 
 
 def test_a_staging_folder_left_by_an_earlier_run_is_removed_by_the_next(host) -> None:
     stale = f"{MODEL}/.staging-0123456789abcdef0123456789abcdef01234567"
-    before = host.file(UNIT).sha256sum
+    before = server_state(host)
     served = host.file(f"{MODEL}/current").linked_to
     try:
         host.check_output(f"mkdir -p {stale} && head -c 1M /dev/zero > {stale}/model.safetensors")
@@ -148,7 +149,7 @@ def test_a_staging_folder_left_by_an_earlier_run_is_removed_by_the_next(host) ->
         assert not host.file(stale).exists
         assert host.run(f"ls -d {MODEL}/.staging-*").rc != 0
         assert host.file(f"{MODEL}/current").linked_to == served
-        assert host.file(UNIT).sha256sum == before
+        assert server_state(host) == before
         assert host.service("vllm").is_running
     finally:
         host.run(f"rm -rf {stale}")
@@ -159,9 +160,10 @@ def test_the_model_token_is_sent_to_the_model_host_only_and_left_nowhere(host) -
     good = f"{SRV}/git/Qwen/Qwen2.5-1.5B-Instruct"
     repo = f"{SRV}/git/Qwen/Scoped"
     # The stand-in under a second name: git talks to HUB (the mirror by name), git-lfs (told so by
-    # the repository's .lfsconfig, as a repository may) to the stand-in's address. The stand-in
-    # refuses an LFS download that carries a bearer token it did not issue (403), so the clone
-    # succeeds only if the token stays with git's host, as it must with presigned CDN links.
+    # the repository's .lfsconfig, as a repository may) to the stand-in's address. The repository
+    # is gated (git answers 401 without the token, as huggingface.co does) and the stand-in refuses
+    # an LFS download that carries a bearer token it did not issue (403), so the clone succeeds
+    # only if the token goes to git's host and stays there, as it must with presigned CDN links.
     settings = {
         "vllm_model_repo_url": f"{HUB}/Qwen/Scoped",
         "vllm_model_name": "Scoped",
@@ -182,7 +184,12 @@ def test_the_model_token_is_sent_to_the_model_host_only_and_left_nowhere(host) -
             f" commit-tree $tree -p main -m 'LFS from a second host')"
             f" && {git} update-ref refs/heads/main $commit"
             " && rm /tmp/scoped.*"
+            f" && mkdir -p {SRV}/tokens/Qwen && printf %s {token} > {SRV}/tokens/Qwen/Scoped"
         )
+        refs = "http://127.0.0.1:8080/Qwen/Scoped/info/refs?service=git-upload-pack"
+        status = "curl --silent --output /dev/null --write-out %{http_code} " + refs
+        assert MIRROR.check_output(status) == "401"  # gated: without the token, no clone
+        assert MIRROR.check_output(f"{status} --header 'Authorization: Bearer {token}'") == "200"
         rc, out = _stage("model.yml", **settings)
         assert rc == 0, out[-3000:]
         assert host.file("/opt/vllm/models/Scoped/current/model.safetensors").size > 1024
@@ -193,4 +200,4 @@ def test_the_model_token_is_sent_to_the_model_host_only_and_left_nowhere(host) -
         assert host.run("ls /tmp/vllm-model-git-*").rc != 0
     finally:
         host.run("rm -rf /opt/vllm/models/Scoped")
-        MIRROR.run(f"rm -rf {repo} {SRV}/lfs/Qwen/Scoped /tmp/scoped.*")
+        MIRROR.run(f"rm -rf {repo} {SRV}/lfs/Qwen/Scoped {SRV}/tokens /tmp/scoped.*")

@@ -121,12 +121,15 @@ def cpuinfo_without(host, flags: str) -> Iterator[None]:
     # (the flags read below must be the CPU's)
     assert not host.file(copy).exists, f"{copy} is left mounted by a killed test: umount it"
     real = cpu_flags(host)
-    host.check_output(f"sed -E '/^flags/ s/ ({flags})\\b//g' /proc/cpuinfo > {copy}")
-    host.check_output(f"mount --bind {copy} /proc/cpuinfo")
+    mounted = False
     try:
+        host.check_output(f"sed -E '/^flags/ s/ ({flags})\\b//g' /proc/cpuinfo > {copy}")
+        host.check_output(f"mount --bind {copy} /proc/cpuinfo")
+        mounted = True
         yield
     finally:
-        host.check_output("umount /proc/cpuinfo")
+        if mounted:
+            host.check_output("umount /proc/cpuinfo")
         host.check_output(f"rm -f {copy}")
         assert cpu_flags(host) == real
 

@@ -83,7 +83,10 @@ def main() -> None:
     def work(index: int) -> None:
         stream = bool(index % 2)
         while not args.stop.exists() and time.monotonic() < deadline:
-            problem = _one(args, ctx, stream)
+            try:
+                problem = _one(args, ctx, stream)
+            except Exception as error:  # an unreadable answer: a failure, never a lost thread
+                problem = f"failed: {type(error).__name__}: {error}"
             with lock:
                 summary["requests"] += 1
                 summary["streamed"] += stream
