@@ -1,7 +1,8 @@
 """Facts of other hosts, shared by the roles that open a port to a group of hosts (vllm_service's
 firewall, vllm_monitoring's node exporter): every address those hosts have, from their gathered
-facts (filter ``host_addresses``); and the one address the others reach a server on (filter
-``server_address``: the gateway's upstream, Prometheus's targets, the node exporter's bind)."""
+facts (filter ``host_addresses``); the one address the others reach a server on (filter
+``server_address``: the gateway's upstream, Prometheus's targets, the node exporter's bind); and an
+address as it goes in a URL or ``host:port`` (filter ``url_host``: IPv6 in brackets)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ def server_address(hostvars: Mapping[str, Any], host: str) -> str:
     return str(default_ipv4 or hv.get("ansible_host") or host).strip()
 
 
+def url_host(address: str) -> str:
+    """Return ``address`` as the host of a URL or of ``host:port``: an IPv6 address in brackets
+    (once), anything else as it is; surrounding white space dropped."""
+    address = str(address).strip()
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"host_addresses": host_addresses, "server_address": server_address}
+        return {
+            "host_addresses": host_addresses,
+            "server_address": server_address,
+            "url_host": url_host,
+        }

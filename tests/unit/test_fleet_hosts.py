@@ -71,3 +71,10 @@ def test_a_wildcard_is_never_an_address_to_reach() -> None:
 def test_without_facts_the_inventorys_address_then_its_name() -> None:
     assert fleet_hosts.server_address(SERVERS, "no-facts") == "srv-15.example"
     assert fleet_hosts.server_address(SERVERS, "bare") == "bare"
+
+
+def test_an_ipv6_address_goes_in_brackets_once_in_a_url() -> None:
+    assert fleet_hosts.url_host("fd00::13") == "[fd00::13]"
+    assert fleet_hosts.url_host("[fd00::13]") == "[fd00::13]"
+    assert fleet_hosts.url_host(" 10.0.0.11\n") == "10.0.0.11"
+    assert fleet_hosts.url_host("srv-15.example") == "srv-15.example"
