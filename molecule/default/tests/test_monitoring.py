@@ -73,6 +73,24 @@ def test_node_exporter_is_refused_to_other_hosts(server: str) -> None:
     assert cmd.rc == 7  # a TCP reset from the firewall
 
 
+@pytest.mark.parametrize("server", SERVERS[:1])
+def test_node_exporter_does_not_start_without_its_firewall(server: str) -> None:
+    # fail closed: a firewall that is not loaded (its unit failed at boot) keeps the exporter down
+    target = host_named(server)
+    try:
+        target.check_output("nft delete table inet vllm_monitoring")
+        assert target.run("systemctl restart prometheus-node-exporter").rc != 0
+        assert not target.service("prometheus-node-exporter").is_running
+        journal = target.check_output("journalctl -u prometheus-node-exporter -n 20 --no-pager")
+        assert "vllm_monitoring is not loaded" in journal
+    finally:
+        target.check_output("systemctl restart vllm-monitoring-firewall")
+        target.check_output("systemctl reset-failed prometheus-node-exporter")  # its start limit
+        target.check_output("systemctl start prometheus-node-exporter")
+    assert target.service("prometheus-node-exporter").is_running
+    test_node_exporter_is_refused_to_other_hosts(server)
+
+
 def _server_down_alerts(host, *states: str) -> list[str]:
     """Hosts with a VllmServerDown alert in one of the given states, as Prometheus reports them."""
     out = host.check_output("curl --silent --fail --max-time 10 %s/api/v1/alerts", PROMETHEUS)
