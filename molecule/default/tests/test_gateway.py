@@ -164,6 +164,7 @@ def test_another_site_cannot_use_the_page_in_a_users_name(host) -> None:
     assert cookies, login.stdout
     for cookie in cookies:
         assert "samesite=lax" in cookie and "samesite=none" not in cookie, cookie
+        assert "; secure" in cookie, cookie  # never sent over plain HTTP
     # and it lets another site's scripts read an answer only on CORS headers naming that site,
     # which the gateway never passes on. A browser's preflight from another host:
     preflight = ("--header", "Access-Control-Request-Method: POST")
@@ -188,9 +189,13 @@ def test_another_site_cannot_use_the_page_in_a_users_name(host) -> None:
         assert not [h for h in config.headers if h.startswith("access-control-")], config.headers
     finally:
         host.run("rm -f %s", jar)
-    # and no other site may frame the page (clickjacking)
+    # and no other site may frame the page (clickjacking), an image in an answer (Markdown) cannot
+    # carry the conversation to another host, and the browser takes no guessed content types
     page = curl(host, f"{URL}/", key=None)
-    assert page.headers["content-security-policy"] == "frame-ancestors 'self'"
+    csp = page.headers["content-security-policy"]
+    assert csp == "frame-ancestors 'self'; img-src 'self' data: blob:", csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "same-origin"
 
 
 LOGINS_PER_MINUTE = 10  # vllm_gateway_login_attempts_per_minute (the role's default)

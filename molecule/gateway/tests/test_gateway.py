@@ -222,6 +222,49 @@ def test_streaming_passes_through_tls_unbuffered(host) -> None:
     assert sum(gap > 0.025 for gap in gaps) >= len(gaps) / 2, f"buffered? gaps {gaps}"
 
 
+PER_CLIENT = 4  # vllm_gateway_api_requests_per_client in molecule.yml
+
+
+def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
+    # PER_CLIENT + 2 streams of about 3 s (a token every 50 ms) start at once from the client
+    # elsewhere: PER_CLIENT are answered, the others refused at once with 429 and Retry-After;
+    # once they are done the next request is answered.
+    script = (
+        "import json, ssl, sys, threading, http.client\n"
+        "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+        "n, results, start = int(sys.argv[5]), [], threading.Barrier(int(sys.argv[5]))\n"
+        "def one():\n"
+        "    conn = http.client.HTTPSConnection(sys.argv[2], context=ctx, timeout=120)\n"
+        "    start.wait()\n"
+        "    conn.request('POST', '/v1/chat/completions', body=sys.argv[3],\n"
+        "                 headers={'Authorization': 'Bearer ' + sys.argv[4],\n"
+        "                          'Content-Type': 'application/json'})\n"
+        "    resp = conn.getresponse()\n"
+        "    body = resp.read().decode()\n"
+        "    results.append([resp.status, resp.getheader('Retry-After'), body[-300:]])\n"
+        "threads = [threading.Thread(target=one) for _ in range(n)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(json.dumps(results))\n"
+    )
+    client = client_elsewhere(host)
+    request = json.dumps(chat(60, stream=True))
+    python = "python3 -c %s %s %s %s %s %s"
+    rc, out, err = run_with_secret(
+        client, python, script, OUTSIDE_CA, GATEWAY, request, KEY, str(PER_CLIENT + 2)
+    )
+    assert rc == 0, err
+    results = json.loads(out)
+    answered = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert (len(answered), len(refused)) == (PER_CLIENT, 2), results
+    assert all(body.rstrip().endswith("data: [DONE]") for _, _, body in answered), answered
+    for _, retry_after, body in refused:
+        assert retry_after == "1"
+        assert json.loads(body)["error"]["code"] == "too_many_concurrent_requests"
+    assert curl(client, f"{URL}/v1/chat/completions", body=chat(), ca=OUTSIDE_CA).status == 200
+
+
 def test_non_streamed_chat_completion_through_the_gateway(host) -> None:
     reply = curl(host, f"{URL}/v1/chat/completions", body=chat())
     assert reply.status == 200
