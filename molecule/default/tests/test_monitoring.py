@@ -74,9 +74,11 @@ def test_node_exporter_is_refused_to_other_hosts(server: str) -> None:
 
 
 @pytest.mark.parametrize("server", SERVERS[:1])
-def test_node_exporter_does_not_start_without_its_firewall(server: str) -> None:
+def test_node_exporter_does_not_start_without_its_firewall(host, server: str) -> None:
     # fail closed: a firewall that is not loaded (its unit failed at boot) keeps the exporter down
     target = host_named(server)
+    address = api(target).split("//")[1].rsplit(":", 1)[0]
+    metrics = f"curl --silent --fail --max-time 10 --output /dev/null http://{address}:9100/metrics"
     try:
         target.check_output("nft delete table inet vllm_monitoring")
         assert target.run("systemctl restart prometheus-node-exporter").rc != 0
@@ -87,7 +89,8 @@ def test_node_exporter_does_not_start_without_its_firewall(server: str) -> None:
         target.check_output("systemctl restart vllm-monitoring-firewall")
         target.check_output("systemctl reset-failed prometheus-node-exporter")  # its start limit
         target.check_output("systemctl start prometheus-node-exporter")
-    assert target.service("prometheus-node-exporter").is_running
+    # serving again: to the monitoring host, and to no other
+    wait_until(lambda: host.run(metrics).rc == 0, 30, f"{server}'s exporter from {host}")
     test_node_exporter_is_refused_to_other_hosts(server)
 
 
