@@ -78,10 +78,12 @@ def test_rules_are_the_roles_own_table_loaded_by_an_enabled_unit(host) -> None:
     assert host.run("systemctl is-active vllm-firewall").stdout.strip() == "active"
     table = host.check_output("nft list table inet vllm")
     assert "tcp dport 8000" in table and "reject with tcp reset" in table
-    # vLLM starts only after its firewall and checks the table is there (fail closed)
+    # vLLM starts only after its firewall and checks the table is there (fail closed: fleet_common's
+    # drop-in, the same that test_the_port_firewall_fails_closed_... proves on a probe service)
     unit = host.file("/etc/systemd/system/vllm.service").content_string
     assert "After=network-online.target vllm-firewall.service" in unit
-    assert "nft list table inet" in unit
+    checks = host.check_output("systemctl show -p ExecStartPre vllm")
+    assert "/usr/sbin/nft list table inet vllm " in checks
 
 
 def test_stopping_the_firewall_unit_leaves_the_port_closed(host) -> None:
@@ -99,8 +101,8 @@ def test_stopping_the_firewall_unit_leaves_the_port_closed(host) -> None:
 
 
 # fleet_common's port firewall on its own (the one of vllm_service, the node exporter and the fleet
-# cache), on a probe port of the gateway host: loaded, kept when its unit stops, removed with state
-# absent.
+# cache), on a probe port of the gateway host: loaded, the service behind it kept down while the
+# table is not loaded, the table kept when its unit stops, all removed with state absent.
 PROBE_FIREWALL = """
 - hosts: {host}
   become: true
@@ -122,9 +124,22 @@ PROBE_FIREWALL = """
 """
 
 
-def test_the_port_firewall_is_kept_when_its_unit_stops_and_removed_only_by_the_role() -> None:
+def test_the_port_firewall_fails_closed_and_is_removed_only_by_the_role() -> None:
+    service = "/etc/systemd/system/fw-probe-service.service"  # the service behind the probe port
     files = ("/etc/fw-probe.nft", "/etc/systemd/system/fw-probe.service")
-    dropin = "/etc/systemd/system/nftables.service.d/fw_probe.conf"
+    dropins = (
+        "/etc/systemd/system/nftables.service.d/fw_probe.conf",
+        "/etc/systemd/system/fw-probe-service.service.d/fw-probe.conf",
+    )
+
+    def starts() -> bool:
+        started = GATEWAY.run("systemctl start fw-probe-service").rc == 0
+        GATEWAY.run("systemctl stop fw-probe-service")
+        GATEWAY.run("systemctl reset-failed fw-probe-service")
+        return started
+
+    unit = "[Service]\nExecStart=/bin/sleep infinity\n"
+    GATEWAY.check_output("printf '%%s' %s > %s && systemctl daemon-reload", unit, service)
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as play:
         play.write(PROBE_FIREWALL.format(host=RUNNER.get_hosts("gateway")[0]))
         play.flush()
@@ -132,17 +147,29 @@ def test_the_port_firewall_is_kept_when_its_unit_stops_and_removed_only_by_the_r
             rc, out = run_playbook(play.name, extra_vars={"probe_state": "present"})
             assert rc == 0, out[-3000:]
             assert "table inet fw_probe" in GATEWAY.check_output("nft list tables")
+            assert starts()
+            # the table unloaded (its unit failed at boot, say): the service does not start
+            GATEWAY.check_output("nft delete table inet fw_probe")
+            assert not starts()
+            journal = GATEWAY.check_output("journalctl -u fw-probe-service -n 20 --no-pager")
+            assert "fw_probe is not loaded" in journal
+            GATEWAY.check_output("systemctl restart fw-probe")
+            assert starts()
+            # its unit stopped: the table stays
             GATEWAY.check_output("systemctl stop fw-probe")
             assert "table inet fw_probe" in GATEWAY.check_output("nft list tables")
             rc, out = run_playbook(play.name, extra_vars={"probe_state": "absent"})
             assert rc == 0, out[-3000:]
             assert "table inet fw_probe" not in GATEWAY.check_output("nft list tables")
-            for path in (*files, dropin):
+            for path in (*files, *dropins):
                 assert not GATEWAY.file(path).exists, path
+            assert starts()  # no longer held back by a table that is gone
         finally:
+            GATEWAY.run("systemctl stop fw-probe-service fw-probe")
             GATEWAY.run("nft delete table inet fw_probe")
-            GATEWAY.run("rm -f %s %s %s", *files, dropin)
+            GATEWAY.run("rm -rf %s %s %s %s %s.d", *files, *dropins, service, service)
             GATEWAY.run("systemctl daemon-reload")
+            GATEWAY.run("systemctl reset-failed fw-probe-service fw-probe")
 
 
 def test_rules_coexist_with_a_table_of_the_host(host) -> None:

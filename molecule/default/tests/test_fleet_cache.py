@@ -33,6 +33,7 @@ MODEL = "/opt/vllm/models/Qwen2.5-1.5B-Instruct"
 ROOT = "/var/cache/vllm-fleet"
 LOG = "/var/log/nginx/vllm-fleet-cache.access.log"
 PORT = 8070
+NGINX_DROPIN = "/etc/systemd/system/nginx.service.d"
 REFUSED = 7  # curl: "Failed to connect" (the firewall answers with a TCP reset)
 
 
@@ -188,6 +189,10 @@ def test_a_host_that_stops_being_the_cache_host_keeps_only_what_was_not_the_cach
         )
         assert rc == 0, out[-3000:]
         assert host.file(f"{root}/.vllm-fleet-cache").exists
+        # nginx does not start while the cache's table is not loaded (fleet_common's drop-in)
+        assert "nft list table inet vllm_fleet_cache" in host.check_output(
+            "systemctl show -p ExecStartPre nginx"
+        )
         assert _curl(CACHE, f"http://{_address(host)}:{PORT}/files/")[1] in ("403", "404")
         assert _curl(OUTSIDE, f"http://{_address(host)}:{PORT}/files/")[0] == REFUSED
 
@@ -197,6 +202,7 @@ def test_a_host_that_stops_being_the_cache_host_keeps_only_what_was_not_the_cach
         assert rc == 0, out[-3000:]
         assert not host.file("/etc/nginx/conf.d/vllm-fleet-cache.conf").exists
         assert host.run("nft list table inet vllm_fleet_cache").rc != 0
+        assert not host.file(f"{NGINX_DROPIN}/vllm-fleet-cache-firewall.conf").exists
         assert host.run(f"ss -Htln 'sport = :{PORT}'").stdout.strip() == ""
         assert sorted(host.check_output("ls -A %s", root).split()) == ["someone-elses.txt"]
         assert host.file(keep).content_string == "kept\n"
@@ -205,6 +211,7 @@ def test_a_host_that_stops_being_the_cache_host_keeps_only_what_was_not_the_cach
         host.run(
             "systemctl disable --now vllm-fleet-cache-firewall.service;"
             " rm -f /etc/systemd/system/vllm-fleet-cache-firewall.service"
+            f" {NGINX_DROPIN}/vllm-fleet-cache-firewall.conf"
             " /etc/nftables-vllm-fleet-cache.nft /etc/nginx/conf.d/vllm-fleet-cache.conf;"
             " systemctl daemon-reload; nft delete table inet vllm_fleet_cache"
         )
