@@ -9,10 +9,16 @@ The client code is molecule/resources/tests/gateway_client.py. Traffic stays ins
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 from itertools import pairwise
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from gateway_client import (
     CA,
     GATEWAY,
@@ -32,7 +38,7 @@ from gateway_client import (
     curl,
     server_address,
 )
-from helpers import address_of, host_named, run_with_secret, wait_until
+from helpers import address_of, host_named, run_playbook, run_with_secret, wait_until
 
 testinfra_hosts = [GATEWAY]
 RESTART_TIMEOUT = 120
@@ -90,6 +96,82 @@ def test_a_client_elsewhere_verifies_the_gateway_by_its_address(host) -> None:
     outside = client_elsewhere(host)
     reply = curl(outside, f"https://{address_of(outside, GATEWAY)}/health", key=None, ca=OUTSIDE_CA)
     assert reply.status == 200
+
+
+def _issued_by_a_test_ca(name: str, address: str) -> tuple[str, str, str]:
+    """An operator's certificate for the gateway from a CA made here (P-256 keys, two days): the
+    CA's PEM, the leaf's PEM with the CA after it (vllm_gateway_tls_certificate), the leaf's key."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, leaf_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+
+    def issue(subject: str, key, ca: bool, sans: list | None = None) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vllm-fleet test CA")]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    def pem(cert: x509.Certificate) -> str:
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    ca = issue("vllm-fleet test CA", ca_key, True)
+    leaf = issue(
+        name, leaf_key, False, [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address(address))]
+    )
+    key = leaf_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return pem(ca), pem(leaf) + pem(ca), key
+
+
+def test_a_given_certificate_is_served_with_hsts_and_replaced_when_no_longer_given(host) -> None:
+    # the self-signed default: no Strict-Transport-Security (a browser could not accept it any more)
+    outside = client_elsewhere(host)
+    reply = curl(outside, f"{URL}/health", key=None, ca=OUTSIDE_CA)
+    assert reply.status == 200 and "strict-transport-security" not in reply.headers
+    # an operator's certificate (vllm_gateway_tls_certificate and its key): served, HSTS for a year
+    ca, chain, key = _issued_by_a_test_ca(GATEWAY, address_of(outside, GATEWAY))
+    anchor = "/tmp/test-ca.crt"
+    assert outside.run("printf '%%s' %s > %s", ca, anchor).rc == 0
+    given = {"vllm_gateway_tls_certificate": chain, "vllm_gateway_tls_key": key}
+    try:
+        rc, out = run_playbook("playbooks/gateway.yml", "--limit", GATEWAY, extra_vars=given)
+        assert rc == 0, out[-3000:]
+        assert "BEGIN PRIVATE KEY" not in out and key.splitlines()[1] not in out
+        for url in (f"{URL}/health", f"https://{address_of(outside, GATEWAY)}/health"):
+            reply = curl(outside, url, key=None, ca=anchor)
+            assert reply.status == 200, url
+            assert reply.headers["strict-transport-security"] == "max-age=31536000"
+    finally:
+        # no longer given: a self-signed certificate again
+        rc, out = run_playbook("playbooks/gateway.yml", "--limit", GATEWAY)
+        outside.run("rm -f %s", anchor)
+    assert rc == 0, out[-3000:]
+    cert = host.check_output("openssl x509 -in %s -noout -issuer -subject", CA).splitlines()
+    assert cert[0].split("=", 1)[1] == cert[1].split("=", 1)[1], cert  # issuer = subject
+    # with a key of its own: the one the test CA certified is not reused
+    given_public = (
+        serialization.load_pem_private_key(key.encode(), None)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    assert (
+        host.check_output("openssl x509 -in %s -noout -pubkey", CA).strip() != given_public.strip()
+    )
+    reply = curl(client_elsewhere(host), f"{URL}/health", key=None, ca=OUTSIDE_CA)
+    assert reply.status == 200 and "strict-transport-security" not in reply.headers
 
 
 def test_plain_http_redirects_the_page_and_refuses_the_api(host) -> None:
