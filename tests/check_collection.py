@@ -15,6 +15,7 @@ def problems_of(installed: Path) -> list[str]:
     for kind, pattern in (
         ("roles", "*/tasks/main.yml"),
         ("playbooks", "*.yml"),
+        ("playbooks", "vars/*.yml"),
         ("plugins", "*/*.py"),
     ):
         for path in sorted((CHECKOUT / kind).glob(pattern)):
