@@ -263,6 +263,17 @@ def test_tuning_is_computed_from_the_host(host) -> None:
     assert "--max-num-seqs 16" in unit
 
 
+def test_each_server_runs_the_executor_it_is_set_to(host) -> None:
+    # vllm-2 keeps the role's default (vLLM's multiprocess executor: a worker process beside the
+    # engine core, inside the sandboxed unit); vllm-1 turns it off (molecule.yml): the model in the
+    # engine-core process, no worker
+    default = host.backend.get_hostname() == "vllm-2"
+    titles = host.run("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n'").stdout.splitlines()
+    assert len([t for t in titles if t.startswith("VLLM::EngineCore")]) == 1, titles
+    assert (len([t for t in titles if t.startswith("VLLM::Worker")]) == 1) == default, titles
+    assert ("VLLM_ENABLE_V1_MULTIPROCESSING" not in _env(host)) == default
+
+
 def test_tcmalloc_and_intel_openmp_are_preloaded(host) -> None:
     preload = _env(host)["LD_PRELOAD"].split(":")
     assert any(p.endswith("libtcmalloc_minimal.so.4") for p in preload)
