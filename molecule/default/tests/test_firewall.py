@@ -167,7 +167,7 @@ def test_the_port_firewall_fails_closed_and_is_removed_only_by_the_role() -> Non
         finally:
             GATEWAY.run("systemctl stop fw-probe-service fw-probe")
             GATEWAY.run("nft delete table inet fw_probe")
-            GATEWAY.run("rm -rf %s %s %s %s %s.d", *files, *dropins, service, service)
+            GATEWAY.run("rm -rf %s %s %s %s %s %s.d", *files, *dropins, service, service)
             GATEWAY.run("systemctl daemon-reload")
             GATEWAY.run("systemctl reset-failed fw-probe-service fw-probe")
 

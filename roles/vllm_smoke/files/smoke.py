@@ -5,7 +5,7 @@
    repetition_penalty through extra_body. The API key is read from VLLM_API_KEY (the service's
    environment file), never from the command line.
 
-Prints one JSON object: {"offline": {...}, "openai": {...}}.
+Prints one line, RESULT_PREFIX and a JSON object: {"offline": {...}, "openai": {...}}.
 """
 
 from __future__ import annotations
@@ -13,8 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
+
+# The result's line. Other lines share stdout: with vLLM's default multiprocessing the offline
+# check's engine processes log there, also after the result, while they shut down.
+RESULT_PREFIX = "vllm-smoke-result: "
 
 
 def offline(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +100,8 @@ def main() -> None:
     result: dict[str, Any] = {"openai": online(args)}
     if not args.skip_offline:
         result["offline"] = offline(args)
-    print(json.dumps(result))
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
