@@ -84,6 +84,8 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         ("site.yml", {"vllm_gateway_api_key": SHORT_KEY}, "has 30 characters", GATEWAY),
         # the chat page's password, on the gateway host
         ("site.yml", {"vllm_webui_auth_password": SHORT_PASSWORD}, "has 9 characters", GATEWAY),
+        # every address trusted to name the client (any client could choose its own)
+        ("site.yml", {"vllm_gateway_real_ip_from": ["0.0.0.0/0"]}, "not every address", GATEWAY),
     ],
     ids=[
         "argument-spec",
@@ -95,6 +97,7 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         "short-api-key",
         "short-gateway-key",
         "short-page-password",
+        "trust-everyone",
     ],
 )
 def test_bad_value_on_one_host_leaves_every_host_unchanged(

@@ -24,6 +24,7 @@ from gateway_client import (
     GATEWAY,
     INTERNAL,
     KEY,
+    OUTSIDE,
     OUTSIDE_CA,
     SERVED_NAME,
     SERVERS,
@@ -307,36 +308,53 @@ def test_streaming_passes_through_tls_unbuffered(host) -> None:
 PER_CLIENT = 4  # vllm_gateway_api_requests_per_client in molecule.yml
 
 
-def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
-    # PER_CLIENT + 2 streams of about 3 s (a token every 50 ms) start at once from the client
-    # elsewhere: PER_CLIENT are answered, the others refused at once with 429 and Retry-After;
-    # once they are done the next request is answered.
-    script = (
-        "import json, ssl, sys, threading, http.client\n"
-        "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
-        "n, results, start = int(sys.argv[5]), [], threading.Barrier(int(sys.argv[5]))\n"
-        "def one():\n"
-        "    conn = http.client.HTTPSConnection(sys.argv[2], context=ctx, timeout=120)\n"
-        "    start.wait()\n"
-        "    conn.request('POST', '/v1/chat/completions', body=sys.argv[3],\n"
-        "                 headers={'Authorization': 'Bearer ' + sys.argv[4],\n"
-        "                          'Content-Type': 'application/json'})\n"
-        "    resp = conn.getresponse()\n"
-        "    body = resp.read().decode()\n"
-        "    results.append([resp.status, resp.getheader('Retry-After'), body[-300:]])\n"
-        "threads = [threading.Thread(target=one) for _ in range(n)]\n"
-        "[t.start() for t in threads]\n"
-        "[t.join() for t in threads]\n"
-        "print(json.dumps(results))\n"
-    )
-    client = client_elsewhere(host)
+# n streams of about 3 s (a token every 50 ms) started at once; the i-th names forwarded[i % len] in
+# X-Forwarded-For when forwarded is given. Each: [status, Retry-After, the end of the body].
+STREAMS_AT_ONCE = (
+    "import json, ssl, sys, threading, http.client\n"
+    "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+    "n, forwarded = int(sys.argv[5]), json.loads(sys.argv[6])\n"
+    "results, start = [], threading.Barrier(n)\n"
+    "def one(i):\n"
+    "    conn = http.client.HTTPSConnection(sys.argv[2], context=ctx, timeout=120)\n"
+    "    headers = {'Authorization': 'Bearer ' + sys.argv[4], 'Content-Type': 'application/json'}\n"
+    "    if forwarded:\n"
+    "        headers['X-Forwarded-For'] = forwarded[i % len(forwarded)]\n"
+    "    start.wait()\n"
+    "    conn.request('POST', '/v1/chat/completions', body=sys.argv[3], headers=headers)\n"
+    "    resp = conn.getresponse()\n"
+    "    body = resp.read().decode()\n"
+    "    results.append([resp.status, resp.getheader('Retry-After'), body[-300:]])\n"
+    "threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]\n"
+    "[t.start() for t in threads]\n"
+    "[t.join() for t in threads]\n"
+    "print(json.dumps(results))\n"
+)
+
+
+def _streams_at_once(client, n: int, forwarded: tuple[str, ...] = ()) -> list[list]:
+    python = "python3 -c %s %s %s %s %s %s %s"
     request = json.dumps(chat(60, stream=True))
-    python = "python3 -c %s %s %s %s %s %s"
     rc, out, err = run_with_secret(
-        client, python, script, OUTSIDE_CA, GATEWAY, request, KEY, str(PER_CLIENT + 2)
+        client,
+        python,
+        STREAMS_AT_ONCE,
+        OUTSIDE_CA,
+        GATEWAY,
+        request,
+        KEY,
+        str(n),
+        json.dumps(forwarded),
     )
     assert rc == 0, err
-    results = json.loads(out)
+    return json.loads(out)
+
+
+def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
+    # PER_CLIENT + 2 streams start at once from the client elsewhere: PER_CLIENT are answered, the
+    # others refused at once with 429 and Retry-After; once they are done the next is answered.
+    client = client_elsewhere(host)
+    results = _streams_at_once(client, PER_CLIENT + 2)
     answered = [r for r in results if r[0] == 200]
     refused = [r for r in results if r[0] == 429]
     assert (len(answered), len(refused)) == (PER_CLIENT, 2), results
@@ -345,6 +363,50 @@ def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
         assert retry_after == "1"
         assert json.loads(body)["error"]["code"] == "too_many_concurrent_requests"
     assert curl(client, f"{URL}/v1/chat/completions", body=chat(), ca=OUTSIDE_CA).status == 200
+
+
+# Two clients a load balancer (client-g, when trusted) names in X-Forwarded-For (TEST-NET-3).
+FORWARDED = ("203.0.113.10", "203.0.113.20")
+ACCESS_LOG = "/var/log/nginx/vllm-gateway.access.log"
+
+
+def _logged_clients(host, last: int) -> list[str]:
+    """The client addresses of the last lines of the gateway's access log."""
+    return host.check_output("tail -n %s %s | cut -d' ' -f1", str(last), ACCESS_LOG).split()
+
+
+def test_behind_a_trusted_proxy_each_client_it_names_has_its_own_share(host) -> None:
+    client = client_elsewhere(host)
+    me = address_of(host, OUTSIDE)
+    # by default nobody is trusted: the header is ignored, the streams share client-g's budget
+    results = _streams_at_once(client, 2 * PER_CLIENT, FORWARDED)
+    assert [r[0] for r in results].count(200) == PER_CLIENT, results
+    assert set(_logged_clients(host, 2 * PER_CLIENT)) == {me}
+    trusted = {"vllm_gateway_real_ip_from": [f"{me}/32"]}
+    try:
+        rc, out = run_playbook("playbooks/gateway.yml", "--limit", GATEWAY, extra_vars=trusted)
+        assert rc == 0, out[-3000:]
+        # client-g trusted: each client it names has a share of its own, and is logged as itself
+        results = _streams_at_once(client, 2 * PER_CLIENT, FORWARDED)
+        assert [r[0] for r in results].count(200) == 2 * PER_CLIENT, results
+        assert set(_logged_clients(host, 2 * PER_CLIENT)) == set(FORWARDED)
+        # a host that is not trusted names a client: ignored
+        other = host_named(SERVERS[0])
+        other.check_output(
+            "curl --silent --output /dev/null --max-time 10 -H %s http://%s/",
+            f"X-Forwarded-For: {FORWARDED[0]}",
+            GATEWAY,
+        )
+        assert _logged_clients(host, 1) == [address_of(host, SERVERS[0])]
+    finally:
+        rc, out = run_playbook("playbooks/gateway.yml", "--limit", GATEWAY)
+    assert rc == 0, out[-3000:]
+    client.check_output(
+        "curl --silent --output /dev/null --max-time 10 -H %s http://%s/",
+        f"X-Forwarded-For: {FORWARDED[0]}",
+        GATEWAY,
+    )
+    assert _logged_clients(host, 1) == [me]
 
 
 def test_non_streamed_chat_completion_through_the_gateway(host) -> None:
