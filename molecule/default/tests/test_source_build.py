@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import testinfra.utils.ansible_runner
-from helpers import PYTHON, host_named
+from helpers import PYTHON, host_named, run_playbook, wait_until
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 SERVERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("vllm_servers")
@@ -79,3 +82,75 @@ def test_the_unit_runs_vllm_serve(host) -> None:
     assert "/opt/vllm/venv/bin/vllm serve" in unit.replace('"', "")  # the unit quotes each word
     assert "vllm.entrypoints.openai.api_server" not in unit
     assert host.service("vllm").is_running
+
+
+# vllm_build_source_archive_url: the same vLLM from its PyPI sdist. The stand-in for PyPI's file
+# (https://files.pythonhosted.org/...) is that file, served over HTTP from hf-standin by a server
+# this test starts there (and stops by its pid). Only the build play runs: the servers keep their
+# wheel.
+SDIST = (
+    Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / ".cache/fixtures/vllm-sdist/vllm-0.32.0.tar.gz"
+)
+SDIST_SHA256 = "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad"  # build.sh's
+BUILD_ONLY = """
+- hosts: {builder}
+  become: true
+  gather_facts: false
+  pre_tasks:
+    - ansible.builtin.import_role:
+        name: python_env
+        tasks_from: interpreter.yml
+  roles:
+    - vllm_build
+"""
+
+
+def _files(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        return {name for name in archive.namelist() if ".dist-info/" not in name}
+
+
+def test_the_sdist_builds_the_same_vllm() -> None:
+    host = host_named(BUILDER)
+    mirror = host_named("hf-standin")
+    folder = "/srv/sdist-standin"
+    git_build = _build_id()
+    mirror.check_output("mkdir -p %s", folder)
+    assert mirror.ansible("copy", f"src={SDIST} dest={folder}/ mode=0644", check=False, become=True)
+    pid = mirror.check_output(
+        "cd %s && { nohup python3 -m http.server 8081 >/dev/null 2>&1 & echo $!; }", folder
+    )
+    new = None
+    try:
+        url = "http://hf-standin:8081/vllm-0.32.0.tar.gz"
+        wait_until(lambda: host.run("curl --silent --fail --head %s", url).rc == 0, 30, url)
+        with tempfile.NamedTemporaryFile("w", suffix=".yml") as play:
+            play.write(BUILD_ONLY.format(builder=BUILDER))
+            play.flush()
+            archive = {
+                "vllm_build_source_archive_url": url,
+                "vllm_build_source_archive_sha256": SDIST_SHA256,
+            }
+            rc, out = run_playbook(play.name, extra_vars=archive)
+        assert rc == 0, out[-3000:]
+        assert "Download the source archive" in out
+        new = [
+            i for i in host.check_output("ls /var/lib/vllm-build/dist").split() if i != git_build
+        ]
+        assert len(new) == 1, new
+        manifest = json.loads((BUILDS / new[0] / "build.json").read_text())
+        assert manifest["source"] == {"kind": "archive", "url": url, "sha256": SDIST_SHA256}
+        tagged = json.loads((BUILDS / git_build / "build.json").read_text())
+        assert manifest["version"] == "0.32.0+cpu" and manifest["kernels"] == tagged["kernels"]
+        # the same package as the git tag's build, file for file
+        assert _files(BUILDS / new[0] / WHEEL) == _files(BUILDS / git_build / WHEEL)
+    finally:
+        mirror.run("kill %s", pid.strip())
+        mirror.run("rm -rf %s", folder)
+        for build in new or ():
+            host.run(
+                "rm -rf /var/lib/vllm-build/dist/%s /var/lib/vllm-build/logs/%s.log", build, build
+            )
+            shutil.rmtree(BUILDS / build, ignore_errors=True)
+        host.run("rm -f /var/lib/vllm-build/tmp/%s.archive", SDIST_SHA256)
+    assert _build_id() == git_build
