@@ -85,7 +85,12 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         # the chat page's password, on the gateway host
         ("site.yml", {"vllm_webui_auth_password": SHORT_PASSWORD}, "has 9 characters", GATEWAY),
         # every address trusted to name the client (any client could choose its own)
-        ("site.yml", {"vllm_gateway_real_ip_from": ["0.0.0.0/0"]}, "not every address", GATEWAY),
+        (
+            "site.yml",
+            {"vllm_gateway_real_ip_from": ["0.0.0.0/0"]},
+            "(0.0.0.0/0): any client",
+            GATEWAY,
+        ),
     ],
     ids=[
         "argument-spec",

@@ -115,13 +115,15 @@ def test_the_sdist_builds_the_same_vllm() -> None:
     mirror = host_named("hf-standin")
     folder = "/srv/sdist-standin"
     git_build = _build_id()
-    mirror.check_output("mkdir -p %s", folder)
-    assert mirror.ansible("copy", f"src={SDIST} dest={folder}/ mode=0644", check=False, become=True)
-    pid = mirror.check_output(
-        "cd %s && { nohup python3 -m http.server 8081 >/dev/null 2>&1 & echo $!; }", folder
-    )
-    new = None
+    new, pid = None, None
     try:
+        mirror.check_output("mkdir -p %s", folder)
+        assert mirror.ansible(
+            "copy", f"src={SDIST} dest={folder}/ mode=0644", check=False, become=True
+        )
+        pid = mirror.check_output(
+            "cd %s && { nohup python3 -m http.server 8081 >/dev/null 2>&1 & echo $!; }", folder
+        ).strip()
         url = "http://hf-standin:8081/vllm-0.32.0.tar.gz"
         wait_until(lambda: host.run("curl --silent --fail --head %s", url).rc == 0, 30, url)
         with tempfile.NamedTemporaryFile("w", suffix=".yml") as play:
@@ -145,7 +147,8 @@ def test_the_sdist_builds_the_same_vllm() -> None:
         # the same package as the git tag's build, file for file
         assert _files(BUILDS / new[0] / WHEEL) == _files(BUILDS / git_build / WHEEL)
     finally:
-        mirror.run("kill %s", pid.strip())
+        if pid:
+            mirror.run("kill %s", pid)
         mirror.run("rm -rf %s", folder)
         for build in new or ():
             host.run(
