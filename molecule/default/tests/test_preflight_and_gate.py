@@ -91,6 +91,15 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
             "(0.0.0.0/0): any client",
             GATEWAY,
         ),
+        # an HSTS max-age that is not a number (its default is a template: the spec check skips it)
+        (
+            "site.yml",
+            {"vllm_gateway_hsts_max_age": "1y"},
+            "hsts_max_age must be a whole number",
+            GATEWAY,
+        ),
+        # a unit name that would reach the firewall drop-in's shell command
+        ("site.yml", {"vllm_service_name": "vllm;id"}, "_ . -; without .service", BAD),
     ],
     ids=[
         "argument-spec",
@@ -103,6 +112,8 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         "short-gateway-key",
         "short-page-password",
         "trust-everyone",
+        "hsts-not-a-number",
+        "unit-name-shell",
     ],
 )
 def test_bad_value_on_one_host_leaves_every_host_unchanged(
