@@ -57,6 +57,7 @@ GIB = 1024**3
 PRECISIONS = {
     "bf16": ("none", None),
     "int8": ("w8a8", "q8_0"),
+    "int8-head": ("w8a8-head", "q8_0"),
     "fp8": ("fp8-dynamic", "q8_0"),
     "int4": ("gptq-int4", "q4_k_m"),
     "w4a16": ("w4a16", "q4_k_m"),
@@ -65,6 +66,8 @@ PRECISIONS = {
 PRECISION_TEXT = {
     "int8": "vLLM serves this shape in compressed-tensors W8A8 int8, llama.cpp the bf16 model"
     " converted to GGUF Q8_0",
+    "int8-head": "vLLM serves this shape in compressed-tensors W8A8 int8 with lm_head in int8 too"
+    " (untied), llama.cpp the bf16 model converted to GGUF Q8_0 (its output projection in Q8_0)",
     "fp8": "vLLM serves this shape in compressed-tensors FP8 (float8 e4m3 weights, one scale per"
     " output channel, per-token activations: llm-compressor's FP8_DYNAMIC), llama.cpp the bf16"
     " model converted to GGUF Q8_0",
@@ -92,7 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=sorted(PRECISIONS),
         default="bf16",
         help="int8: vLLM serves the preset's model in compressed-tensors W8A8 int8, llama.cpp the"
-        " same shape as GGUF Q8_0 (summary in serving-int8.md); fp8: compressed-tensors FP8"
+        " same shape as GGUF Q8_0 (summary in serving-int8.md); int8-head: the same with lm_head"
+        " quantized too (serving-int8-head.md); fp8: compressed-tensors FP8"
         " (per-channel scales) against Q8_0 (serving-fp8.md); int4: GPTQ 4-bit against GGUF"
         " Q4_K_M (serving-int4.md); w4a16: compressed-tensors W4A16 against Q4_K_M"
         " (serving-w4a16.md)",

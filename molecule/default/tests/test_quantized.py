@@ -10,6 +10,10 @@ checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
   (pack-quantized, groups of 128), as llm-compressor writes them; named for no real repository (none
   in this format for this model was found). On an AMD CPU with AVX-512, vLLM's ZenDNN path runs it
   through zentorch's DA8W4 kernel; elsewhere through the same 4-bit kernel as GPTQ.
+- standin/Qwen2.5-1.5B-Instruct-W8A8-lm-head: W8A8 as above with lm_head in int8 too (untied, named
+  in the quantization group's targets, as vLLM 0.32 needs to load it: with only "Linear" it fails);
+  named for no real repository. On an AMD EPYC it decoded one stream faster than W8A8 with a bf16
+  lm_head (benchmarks/README.md). The test reads its weights file: lm_head int8, untied.
 Each checkpoint goes to its own server, whose model and service stages run with that repository
 (the servers whose CPU can run theirs in one service stage, side by side); with more checkpoints
 than servers, a second round follows the first round's tests. Where the CPU has what
@@ -69,6 +73,7 @@ class Checkpoint:
     fast_with: frozenset[str] = frozenset()  # on a CPU with none of these flags
     fast_on_zen: bool = False  # ... and not on an AMD CPU with AVX-512 (vLLM's ZenDNN path)
     zen_engine: tuple[str, ...] = ()  # what the journal says too on such a CPU
+    head: str = ""  # lm_head.weight's dtype in the weights file ("": none, tied to the embedding)
 
     @property
     def name(self) -> str:
@@ -114,9 +119,20 @@ CHECKPOINTS = {
         # zentorch repacks its layers for its int8 x int4 GEMM (bf16 activations, symmetric)
         zen_engine=("[zen_cpu] Using zentorch_dynamic_qlinear for DA8W4",),
     ),
+    "w8a8-head": Checkpoint(
+        repo="standin/Qwen2.5-1.5B-Instruct-W8A8-lm-head",
+        tuning="compressed-tensors w8a8",
+        engine=("quantization=compressed-tensors",),
+        config=("ignore", []),  # lm_head quantized, not ignored
+        head="I8",
+        needs=None,
+        refusal=None,
+        slow="W8A8 int8 is slow on this CPU",
+        fast_with=INT8_DOT_PRODUCT,
+    ),
 }
 # one server per checkpoint in a round; the second round deploys after the first one's tests
-ROUNDS = (("gptq-int4", "w8a8"), ("w4a16",))
+ROUNDS = (("gptq-int4", "w8a8"), ("w4a16", "w8a8-head"))
 assert sorted(k for keys in ROUNDS for k in keys) == sorted(CHECKPOINTS)
 assert len(SERVERS) >= max(map(len, ROUNDS)), SERVERS
 PLACED = {key: name for keys in ROUNDS for key, name in zip(keys, SERVERS, strict=False)}
@@ -193,6 +209,9 @@ def _observe(host, checkpoint: Checkpoint, since: str) -> dict[str, Any]:
         seen["root"] = host.file(model["root"]).linked_to
         seen["fleet_root"] = host.file(FLEET_MODEL).linked_to
         seen["config"] = json.loads(host.file(f"{model['root']}/config.json").content_string)
+        seen["head"] = host.check_output(
+            "%s -c %s %s", PYTHON, HEAD_DTYPE, f"{model['root']}/model.safetensors"
+        )
         chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
         seen["answer"] = _get(host, "/v1/chat/completions", {"model": checkpoint.repo, **chat})
     except Exception as error:  # reported by the test, with the stage's output
@@ -200,6 +219,12 @@ def _observe(host, checkpoint: Checkpoint, since: str) -> dict[str, Any]:
     return seen
 
 
+# lm_head.weight's dtype in a safetensors file's header (8 bytes of length, then JSON), or ""
+HEAD_DTYPE = (
+    "import json, struct, sys; f = open(sys.argv[1], 'rb');"
+    " h = json.loads(f.read(struct.unpack('<Q', f.read(8))[0]));"
+    " print(h.get('lm_head.weight', {}).get('dtype', ''))"
+)
 HIDDEN = ".hidden-by-test"  # added to zentorch's package folder while it is hidden
 
 
@@ -292,6 +317,9 @@ def _assert_deployed(key: str, done: Deployed) -> None:
     assert seen["root"] != seen["fleet_root"]
     key_, value = checkpoint.config
     assert seen["config"]["quantization_config"][key_] == value
+    # its own lm_head (int8 in the W8A8-lm-head one), or the embedding's, tied
+    assert seen["head"] == checkpoint.head
+    assert seen["config"]["tie_word_embeddings"] is not bool(checkpoint.head)
     answer = seen["answer"]
     assert answer["usage"]["completion_tokens"] > 0
     assert answer["choices"][0]["message"]["content"]
