@@ -11,6 +11,8 @@ instruction sets:
 
     .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8 --b int8-head --pairs 15
     .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8-head --b llamacpp
+    .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8 --b int8 \
+        --b-set vllm_service_disable_multiprocessing=true
 
 Appends one JSON line to results/ab_decode.jsonl (--results FILE to write elsewhere).
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import serving
+import yaml
 from servebench import artifacts, configs, procs
 from servebench.client import Client, Prompts
 
@@ -73,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         default="int8-head",
         help="a precision of the tuned service, or llamacpp (the GGUF type matched to --a's)",
     )
+    ap.add_argument(
+        "--b-set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="override a roles/vllm_service default for B only (VALUE is YAML; repeatable)",
+    )
     ap.add_argument("--model-preset", default="qwen2.5-1.5b-instruct")
     ap.add_argument("--pairs", type=int, default=16, help="even: each side goes first as often")
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -80,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-port", type=int, default=8350)
     ap.add_argument("--results", type=Path, default=HERE / "results" / "ab_decode.jsonl")
     args = ap.parse_args(argv)
-    if args.a == args.b:
-        ap.error("--a and --b are the same precision")
+    b_set: dict[str, Any] = {}
+    for item in args.b_set:
+        var, sep, value = item.partition("=")
+        if not sep or var not in artifacts.role_defaults("vllm_service") or value == "":
+            ap.error(f"--b-set {item}: expected VAR=VALUE with VAR in roles/vllm_service/defaults")
+        b_set[var] = yaml.safe_load(value)
+    if args.a == args.b and not b_set:
+        ap.error("--a and --b are the same precision and --b-set changes nothing")
+    if b_set and args.b == "llamacpp":
+        ap.error("--b-set applies to the tuned service, not to llama.cpp")
     if args.b == "llamacpp" and PROMPT_TOKENS + args.decode_tokens > LLAMACPP_CTX // 16:
         ap.error(f"--decode-tokens: llama.cpp's slots hold {LLAMACPP_CTX // 16} tokens here")
 
@@ -96,11 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = artifacts.BENCH_CACHE / "logs" / f"ab-{session}"
     state = artifacts.BENCH_CACHE / "state" / f"ab-{session}"
     overrides = {"vllm_service_kvcache_space_gib": KVCACHE_GIB}
+    sets = {"a": overrides, "b": overrides | b_set}
     made = {
-        side: configs.tuned(python, model, args.base_port + i, state / side, facts, overrides)
+        side: configs.tuned(python, model, args.base_port + i, state / side, facts, sets[side])
         for i, (side, model) in enumerate(models.items())
     }
     what = {side: f"tuned, {p} ({models[side].name})" for side, p in sides.items()}
+    if b_set:
+        what["b"] += ", " + ", ".join(f"{k}={v!r}" for k, v in b_set.items())
     if args.b == "llamacpp":  # as serving.py: llama.cpp's own format, made from the bf16 model
         without_amx = "amx_int8" in facts["flags"]
         llama_dir = artifacts.ensure_llama_server(len(facts["cpus"]) or 1, without_amx)
