@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import inspect
 import json
+import re
 import statistics
 import sys
 import time
@@ -39,6 +41,10 @@ HERE = Path(__file__).resolve().parent
 KVCACHE_GIB = 2
 LLAMACPP_CTX = 4096  # llama.cpp's context, for the same reason: 256 tokens in each of its 16 slots
 PROMPT_TOKENS = 8  # of each measured stream, as serving.py's single-stream decode
+# the roles/vllm_service defaults configs.tuned() reads (any other would change nothing)
+TUNED_READS = frozenset(
+    re.findall(r'd\["(vllm_service_\w+)"\]', inspect.getsource(configs.tuned))
+) - {"vllm_service_kvcache_space_gib"}  # (both sides: KVCACHE_GIB)
 
 
 async def _pairs(
@@ -91,11 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "ab_decode.jsonl")
     args = ap.parse_args(argv)
     b_set: dict[str, Any] = {}
+    defaults = artifacts.role_defaults("vllm_service")
     for item in args.b_set:
         var, sep, value = item.partition("=")
-        if not sep or var not in artifacts.role_defaults("vllm_service") or value == "":
-            ap.error(f"--b-set {item}: expected VAR=VALUE with VAR in roles/vllm_service/defaults")
+        if not sep or var not in TUNED_READS:
+            ap.error(f"--b-set {item}: VAR must be one of the defaults serving.py's tuned reads")
         b_set[var] = yaml.safe_load(value)
+        if b_set[var] is None or b_set[var] == defaults[var]:
+            ap.error(f"--b-set {item}: VALUE is empty or the role's default")
     if args.a == args.b and not b_set:
         ap.error("--a and --b are the same precision and --b-set changes nothing")
     if b_set and args.b == "llamacpp":
