@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         without_amx = "amx_int8" in facts["flags"]
         llama_dir = artifacts.ensure_llama_server(len(facts["cpus"]) or 1, without_amx)
         quant, outtype = serving.PRECISIONS[args.a]
-        source = models["a"] if quant == "none" else artifacts.ensure_model(args.model_preset)
-        gguf, gguf_type = artifacts.ensure_gguf(source, llama_dir, python, outtype)
+        gguf, gguf_type = artifacts.matched_gguf(
+            models["a"], args.model_preset, quant, llama_dir, python, outtype
+        )
         made["b"] = configs.llamacpp(
             llama_dir / "bin" / "llama-server",
             gguf,

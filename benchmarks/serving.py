@@ -690,9 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     if "llamacpp" in args.configs:
         llama_dir = artifacts.ensure_llama_server(jobs, without_amx)
         vllm_python = vllm_python or artifacts.ensure_vllm_venv()  # the converter needs torch
-        # int8/int4: llama.cpp's own formats (Q8_0, Q4_K_M), made from the bf16 model by its tools
-        source = model if quant == "none" else artifacts.ensure_model(args.model_preset)
-        gguf, gguf_type = artifacts.ensure_gguf(source, llama_dir, vllm_python, outtype)
+        gguf, gguf_type = artifacts.matched_gguf(
+            model, args.model_preset, quant, llama_dir, vllm_python, outtype
+        )
     if args.prepare_only:
         log("prepared: " + ", ".join(str(p) for p in (model, vllm_python, llama_dir, gguf) if p))
         return 0

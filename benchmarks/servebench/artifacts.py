@@ -372,6 +372,16 @@ def ensure_gguf(
     return publish(final, build), outtype
 
 
+def matched_gguf(
+    model_dir: Path, preset: str, quant: str, llama_dir: Path, python: Path, outtype: str | None
+) -> tuple[Path, str]:
+    """llama.cpp's side of a precision: for a quantized model of vLLM's (`quant`), llama.cpp's own
+    format (`outtype`: Q8_0, Q4_K_M) made from the preset's bf16 model by its tools; for an
+    unquantized one, that model converted. The file and its type (ensure_gguf)."""
+    source = model_dir if quant == "none" else ensure_model(preset)
+    return ensure_gguf(source, llama_dir, python, outtype)
+
+
 def gguf_tensor_bytes(gguf: Path, llama_dir: Path, python: Path) -> int:
     """The bytes of a GGUF file's tensors (the file less its metadata: tokenizer, header), read
     by that llama.cpp's own gguf-py reader."""
