@@ -44,7 +44,10 @@ PROMPT_TOKENS = 8  # of each measured stream, as serving.py's single-stream deco
 # the roles/vllm_service defaults configs.tuned() reads (any other would change nothing)
 TUNED_READS = frozenset(
     re.findall(r'd\["(vllm_service_\w+)"\]', inspect.getsource(configs.tuned))
-) - {"vllm_service_kvcache_space_gib"}  # (both sides: KVCACHE_GIB)
+) - {
+    "vllm_service_kvcache_space_gib",  # both sides: KVCACHE_GIB
+    "vllm_service_served_model_name",  # the client asks for the role's name
+}
 
 
 async def _pairs(
@@ -100,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     defaults = artifacts.role_defaults("vllm_service")
     for item in args.b_set:
         var, sep, value = item.partition("=")
-        if not sep or var not in TUNED_READS:
+        if not sep:
+            ap.error(f"--b-set {item}: expected VAR=VALUE")
+        if var not in TUNED_READS:
             ap.error(f"--b-set {item}: VAR must be one of the defaults serving.py's tuned reads")
         b_set[var] = yaml.safe_load(value)
         if b_set[var] is None or b_set[var] == defaults[var]:

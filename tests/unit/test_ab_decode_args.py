@@ -1,8 +1,9 @@
 """benchmarks/ab_decode.py refuses a pairing that measures nothing before it touches the host.
 
 Every refusal is argparse's (exit code 2, the reason on stderr) and comes before the first step that
-looks at the host or builds anything: `configs.host_facts` is replaced by a function that fails the
-test, so a refusal that came too late, or one that went missing, fails here.
+looks at the host or builds anything: `configs.host_facts` and the cache builders (the vLLM venv,
+the models, llama.cpp and its GGUF) are replaced by a function that stops the script, so a refusal
+that came too late, or one that went missing, fails here, and nothing is built.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ class _Reached(Exception):
 
 @pytest.fixture(autouse=True)
 def _no_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    def reached() -> dict[str, object]:
+    def reached(*_args: object) -> dict[str, object]:
         raise _Reached
 
     monkeypatch.setattr(configs, "host_facts", reached)
+    for builder in ("ensure_vllm_venv", "ensure_model", "ensure_llama_server", "matched_gguf"):
+        monkeypatch.setattr(artifacts, builder, reached)
 
 
 @pytest.mark.parametrize(
@@ -35,13 +38,14 @@ def _no_host(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (["--a", "int8", "--b", "int8"], "--b-set changes nothing"),
         (["--b-set", "vllm_service_port=9"], "VAR must be one of the defaults"),
-        (["--b-set", "vllm_service_disable_multiprocessing"], "VAR must be one of the defaults"),
+        (["--b-set", "vllm_service_served_model_name=x"], "VAR must be one of the defaults"),
+        (["--b-set", "vllm_service_disable_multiprocessing"], "expected VAR=VALUE"),
         (["--b", "int8", "--b-set", "vllm_service_disable_multiprocessing="], "VALUE is empty"),
         (
             ["--b", "llamacpp", "--b-set", "vllm_service_disable_multiprocessing=true"],
             "applies to the tuned service",
         ),
-        (["--b", "llamacpp", "--decode-tokens", "300"], "slots hold 256 tokens"),
+        (["--b", "llamacpp", "--decode-tokens", "249"], "slots hold 256 tokens"),  # 8 + 249
     ],
 )
 def test_refused_before_the_host_is_read(
@@ -57,15 +61,16 @@ def test_the_roles_default_value_is_refused(capsys: pytest.CaptureFixture[str]) 
     """Setting B to what A has already would pair a server with its twin."""
     var = "vllm_service_disable_multiprocessing"
     default = artifacts.role_defaults("vllm_service")[var]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         ab_decode.main(["--b", "int8", "--b-set", f"{var}={str(default).lower()}"])
+    assert exit_info.value.code == 2
     assert "the role's default" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--a", "int8", "--b", "llamacpp"],
+        ["--a", "int8", "--b", "llamacpp", "--decode-tokens", "248"],
         ["--a", "int8", "--b", "int8", "--b-set", "vllm_service_disable_multiprocessing=true"],
         ["--a", "bf16", "--b", "int8-head"],
     ],
