@@ -14,7 +14,7 @@ with the most samples, and appends one JSON line (with the CPU's model and flags
 results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requirements-bench.txt.
 
     python benchmarks/decode_profile.py [--seconds 40] [--tokens 256] [--process engine-core]
-                                        [--precision int8|int4]
+                                        [--precision PRECISION]  (any of serving.py's)
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def main() -> None:
         "--precision",
         choices=sorted(PRECISIONS),
         default="bf16",
-        help="the model as serving.py --precision gives vLLM (int8: W8A8, int4: GPTQ 4-bit)",
+        help="the model as serving.py --precision gives vLLM (e.g. int8: W8A8, int4: GPTQ 4-bit,"
+        " int4-head: GPTQ 4-bit with lm_head too)",
     )
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
