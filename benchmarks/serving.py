@@ -656,8 +656,9 @@ def summary(records: list[dict[str, Any]], session: dict[str, Any]) -> str:
         "",
         "Ceiling = the best bandwidth measured / bytes read per decoded token (every weight at the"
         " dtype the server computes in, or as stored when quantized: Q8_0 34 bytes per 32"
-        " weights, Q4_K_M its GGUF tensors, W8A8, FP8 and GPTQ their weight files; the tied"
-        " embedding matrix as the output projection, plus the KV cache of the context). Start-up:"
+        " weights, Q4_K_M its GGUF tensors, W8A8, FP8 and GPTQ their weight files; a tied"
+        " embedding matrix as the output projection, an untied one one row per token; plus the KV"
+        " cache of the context). Start-up:"
         " from an empty cache folder (the first start of each configuration in a session); with"
         " --restart-each-run later starts reuse the caches.",
         "",
