@@ -60,7 +60,7 @@ PRECISIONS = {
     "int8-head": ("w8a8-head", "q8_0"),
     "fp8": ("fp8-dynamic", "q8_0"),
     "int4": ("gptq-int4", "q4_k_m"),
-    "int4-head": ("gptq-int4-head", "q4_k_m"),
+    "int4-head": ("gptq-int4-head", "q4_k_m-head4"),
     "w4a16": ("w4a16", "q4_k_m"),
 }
 # what each side serves at that precision (the summary's model line)
@@ -75,8 +75,8 @@ PRECISION_TEXT = {
     "int4": "vLLM serves this shape in GPTQ 4-bit (group 128, float16 scales), llama.cpp the bf16"
     " model converted to GGUF and quantized to Q4_K_M",
     "int4-head": "vLLM serves this shape in GPTQ 4-bit with lm_head in 4 bits too (untied),"
-    " llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M (its output projection"
-    " in Q6_K)",
+    " llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M with its output"
+    " projection in Q4_K too (llama-quantize --output-tensor-type q4_k)",
     "w4a16": "vLLM serves this shape in compressed-tensors W4A16 (4-bit, group 128, bf16 scales and"
     " activations), llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M",
 }

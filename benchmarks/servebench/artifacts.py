@@ -15,8 +15,8 @@ thrown away and redone, never half-used:
                                 bin/llama-quantize
   gguf/<model>-<hash>.<type>.gguf  the model converted by that llama.cpp's convert_hf_to_gguf.py
                                 (type bf16, or q8_0 with --precision int8 or fp8), or that bf16 file
-                                quantized by llama-quantize (q4_k_m with --precision int4,
-                                int4-head or w4a16)
+                                quantized by llama-quantize (q4_k_m with --precision int4 or
+                                w4a16, q4_k_m-head4 with int4-head)
 """
 
 from __future__ import annotations
@@ -46,9 +46,14 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 MODEL_DIRS = {"qwen2.5-1.5b-instruct": "qwen2.5-1.5b-random", "tiny": "qwen2-tiny-random"}
 GGUF_TYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
-# GGUF types llama.cpp's converter cannot write, made by its llama-quantize from the bf16 file:
-# Q4_K_M, Ollama's default for this model (4-bit K-quants, some tensors in Q6_K)
-QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M"}
+# GGUF types llama.cpp's converter cannot write, made by its llama-quantize from the bf16 file
+# (its type, and options before the files): Q4_K_M, Ollama's default for this model (4-bit
+# K-quants, some tensors and the output projection in Q6_K); q4_k_m-head4, the same with the
+# output projection (the tied embedding) in Q4_K, matched to a GPTQ checkpoint with a 4-bit lm_head
+QUANTIZE_TYPES = {
+    "q4_k_m": ("Q4_K_M", []),
+    "q4_k_m-head4": ("Q4_K_M", ["--output-tensor-type", "q4_k"]),
+}
 LLAMA_TOOLS = ("llama-server", "llama-quantize")
 
 
@@ -348,7 +353,7 @@ def ensure_gguf(
     """The model converted to GGUF at the precision of its weights (bf16 weights: bf16 GGUF), or
     quantized by the converter to `outtype` (q8_0: llama.cpp's 8-bit blocks, what Ollama's and
     llama.cpp's users take for 8-bit), or by llama-quantize from that file (q4_k_m, Ollama's
-    default 4-bit type for this model).
+    default 4-bit type for this model; q4_k_m-head4, its output projection in 4 bits too).
 
     Returns the file and its type. Cached under .cache/bench/gguf/, named by the model folder.
     """
@@ -360,9 +365,10 @@ def ensure_gguf(
         source, _ = ensure_gguf(model_dir, llama_dir, vllm_python)
 
         def quantize(tmp: Path) -> None:
-            log(f"quantizing {source.name} to {QUANTIZE_TYPES[outtype]} ...")
-            argv = [str(llama_dir / "bin" / "llama-quantize"), str(source), str(tmp)]
-            run([*argv, QUANTIZE_TYPES[outtype]], BENCH_CACHE / "logs" / "gguf-quantize.log")
+            qtype, options = QUANTIZE_TYPES[outtype]
+            log(f"quantizing {source.name} to {qtype} {' '.join(options)} ...")
+            argv = [str(llama_dir / "bin" / "llama-quantize"), *options, str(source), str(tmp)]
+            run([*argv, qtype], BENCH_CACHE / "logs" / "gguf-quantize.log")
 
         return publish(final, quantize), outtype
 
