@@ -705,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     assert vllm_python is not None
 
     model_config = json.loads((model / "config.json").read_text())
+    # llama.cpp's GGUF is made from the preset's bf16 model (tied output projection) even where
+    # vLLM's checkpoint unties lm_head: its bytes per token follow that model's config
+    gguf_config = model_config
+    if "llamacpp" in args.configs:
+        source = artifacts.gguf_source(model, args.model_preset, quant)
+        gguf_config = json.loads((source / "config.json").read_text())
     weights_bytes = configs.model_weights_bytes(model)
     first_special = first_added_token(model, int(model_config["vocab_size"]))
     llama_server = llama_dir / "bin" / "llama-server" if llama_dir else None
@@ -776,7 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     cores = host_record(facts)["physical_cores"]
     estimates = {
-        n: estimate_seconds(c, model_config, bandwidth, args, weights_bytes, cores)
+        n: estimate_seconds(
+            c,
+            gguf_config if c.kind == "llamacpp" else model_config,
+            bandwidth,
+            args,
+            weights_bytes,
+            cores,
+        )
         for n, c in servers.items()
     }
 
@@ -836,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype = record["server_log"].get("dtype") or config.compute_dtype
                 record["limit"] = ceiling_record(
                     config,
-                    model_config,
+                    gguf_config if config.kind == "llamacpp" else model_config,
                     str(dtype),
                     config_bandwidth[name]["ceiling_gb_s"]["value"],
                     record["decode"],

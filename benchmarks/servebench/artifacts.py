@@ -388,8 +388,13 @@ def matched_gguf(
     """llama.cpp's side of a precision: for a quantized model of vLLM's (`quant`), llama.cpp's own
     format (`outtype`: Q8_0, Q4_K_M) made from the preset's bf16 model by its tools; for an
     unquantized one, that model converted. The file and its type (ensure_gguf)."""
-    source = model_dir if quant == "none" else ensure_model(preset)
-    return ensure_gguf(source, llama_dir, python, outtype)
+    return ensure_gguf(gguf_source(model_dir, preset, quant), llama_dir, python, outtype)
+
+
+def gguf_source(model_dir: Path, preset: str, quant: str) -> Path:
+    """The model folder llama.cpp's GGUF is made from (its config.json says, e.g., whether the
+    output projection is the tied embedding): the preset's bf16 model for a quantized one."""
+    return model_dir if quant == "none" else ensure_model(preset)
 
 
 def gguf_tensor_bytes(gguf: Path, llama_dir: Path, python: Path) -> int:

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 # q8_0: llama.cpp's blocks of 32 int8 weights and one float16 scale (34 bytes per 32 weights)
-# q4_k_m: nominally Q4_K's 144 bytes per 256 weights (its Q6_K tensors make it more: the ceiling
-# takes the bytes of the file's tensors instead)
+# q4_k_m (and q4_k_m-head4, its output projection in Q4_K too): nominally Q4_K's 144 bytes per 256
+# weights (its Q6_K tensors make it more: the ceiling takes the bytes of the file's tensors instead)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": 34 / 32, "q4_k_m": 144 / 256}
+DTYPE_BYTES["q4_k_m-head4"] = DTYPE_BYTES["q4_k_m"]
 
 
 def parameter_counts(config: dict[str, Any]) -> dict[str, int]:
