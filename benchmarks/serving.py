@@ -693,12 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     # the bandwidth probe and the GGUF converter need torch: any of these venvs will do
     vllm_python = vllm_python or tuned_python
     llama_dir = gguf = gguf_type = None
+    gguf_source = model
     if "llamacpp" in args.configs:
         llama_dir = artifacts.ensure_llama_server(jobs, without_amx)
         vllm_python = vllm_python or artifacts.ensure_vllm_venv()  # the converter needs torch
-        gguf, gguf_type = artifacts.matched_gguf(
-            model, args.model_preset, quant, llama_dir, vllm_python, outtype
-        )
+        gguf_source = artifacts.gguf_source(model, args.model_preset, quant)
+        gguf, gguf_type = artifacts.ensure_gguf(gguf_source, llama_dir, vllm_python, outtype)
     if args.prepare_only:
         log("prepared: " + ", ".join(str(p) for p in (model, vllm_python, llama_dir, gguf) if p))
         return 0
@@ -707,10 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     model_config = json.loads((model / "config.json").read_text())
     # llama.cpp's GGUF is made from the preset's bf16 model (tied output projection) even where
     # vLLM's checkpoint unties lm_head: its bytes per token follow that model's config
-    gguf_config = model_config
-    if "llamacpp" in args.configs:
-        source = artifacts.gguf_source(model, args.model_preset, quant)
-        gguf_config = json.loads((source / "config.json").read_text())
+    gguf_config = json.loads((gguf_source / "config.json").read_text())
     weights_bytes = configs.model_weights_bytes(model)
     first_special = first_added_token(model, int(model_config["vocab_size"]))
     llama_server = llama_dir / "bin" / "llama-server" if llama_dir else None
@@ -781,15 +778,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "benchmarks/serving.py", *(argv or sys.argv[1:])]),
     }
     cores = host_record(facts)["physical_cores"]
+    # the config.json whose shape each server reads per token
+    read_config = {
+        n: gguf_config if c.kind == "llamacpp" else model_config for n, c in servers.items()
+    }
     estimates = {
-        n: estimate_seconds(
-            c,
-            gguf_config if c.kind == "llamacpp" else model_config,
-            bandwidth,
-            args,
-            weights_bytes,
-            cores,
-        )
+        n: estimate_seconds(c, read_config[n], bandwidth, args, weights_bytes, cores)
         for n, c in servers.items()
     }
 
@@ -849,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype = record["server_log"].get("dtype") or config.compute_dtype
                 record["limit"] = ceiling_record(
                     config,
-                    gguf_config if config.kind == "llamacpp" else model_config,
+                    read_config[name],
                     str(dtype),
                     config_bandwidth[name]["ceiling_gb_s"]["value"],
                     record["decode"],
