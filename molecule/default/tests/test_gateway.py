@@ -10,6 +10,7 @@ molecule/resources/tests/gateway_client.py. Traffic stays inside the test contai
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -18,8 +19,10 @@ from gateway_client import (
     GATEWAY,
     OUTSIDE_CA,
     SERVED_NAME,
+    SERVERS,
     SESSION_HEADER,
     URL,
+    VLLM_PORT,
     Reply,
     answered_by,
     assert_logs_never_hold_the_key,
@@ -28,6 +31,7 @@ from gateway_client import (
     client_elsewhere,
     curl,
 )
+from helpers import host_named
 
 testinfra_hosts = [GATEWAY]
 # The page's login, as in molecule.yml (group_vars gateway; Molecule reads its $$ as $).
@@ -37,6 +41,51 @@ WEBUI_USER, WEBUI_PASSWORD = "tester", 'pa ss"wo`rd$1\\x'
 def test_requests_are_spread_over_both_servers(host) -> None:
     # the servers' addresses as site.yml hands them to the gateway (published by vllm_service)
     assert_spread_over_all_servers(host)
+
+
+def _idle_nginx_connections(host) -> set[tuple[str, str]]:
+    """nginx's connections from the gateway to the vLLM servers idle for a second or more (its
+    keepalive cache), as (local, peer) address:port: those of its workers' user (ss cannot name
+    their process: they are not dumpable), not Prometheus's (it scrapes the servers from here)."""
+    workers = host.check_output("ps -o uid= -o args= -C nginx | awk '/worker/ {print $1}'").split()
+    assert workers and "0" not in workers, workers
+    out = host.check_output("ss -Htnei state established '( dport = :%s )'", str(VLLM_PORT))
+    idle = set()
+    for entry in re.split(r"\n(?=\S)", out.strip()):
+        quiet = [int(ms) for ms in re.findall(r"\blast(?:snd|rcv):(\d+)", entry)]
+        uid = re.search(r"\buid:(\d+)", entry)
+        if uid and uid.group(1) in workers and len(quiet) == 2 and min(quiet) >= 1000:
+            idle.add(_pair(entry.split()[2:4]))
+    return idle
+
+
+def _pair(addresses: list[str]) -> tuple[str, str]:
+    """(local, peer) as ss prints them; IPv4 mapped into IPv6 ([::ffff:a.b.c.d]) as plain IPv4."""
+    local, peer = (re.sub(r"^\[::ffff:([0-9.]+)\]", r"\1", a) for a in addresses)
+    return local, peer
+
+
+def _time_wait(host) -> set[tuple[str, str]]:
+    """The host's TCP connections in TIME-WAIT, as (local, peer): the side that closed first."""
+    out = host.check_output("ss -Htan state time-wait")
+    return {_pair(line.split()[2:4]) for line in out.splitlines()}
+
+
+def test_the_gateway_closes_an_idle_connection_to_a_server_before_the_server_does(host) -> None:
+    # vLLM closes a connection idle for 5 s. Were nginx to keep it longer, a request it sent on it
+    # as the server closed it would be lost (a POST is retried only on another server; during a
+    # rollout there may be none). The side that closes a TCP connection first keeps it in
+    # TIME-WAIT: it must be the gateway, for every idle connection nginx keeps to a server.
+    for _ in range(4):
+        assert curl(host, f"{URL}/v1/models").status == 200
+    time.sleep(1.5)
+    kept = _idle_nginx_connections(host)
+    assert kept, host.run("ss -Htnei state established").stdout
+    time.sleep(8)  # both idle timeouts (the gateway's 4 s, vLLM's 5 s) have passed
+    assert kept <= _time_wait(host), (kept, _time_wait(host))
+    for name in SERVERS:
+        closed_by_server = {(peer, local) for local, peer in _time_wait(host_named(name))}
+        assert not kept & closed_by_server, (name, kept & closed_by_server)
 
 
 def _prefix_cache_hits(host, server: str) -> float:
