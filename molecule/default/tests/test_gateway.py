@@ -73,8 +73,8 @@ def _time_wait(host) -> set[tuple[str, str]]:
 
 def test_the_gateway_closes_an_idle_connection_to_a_server_before_the_server_does(host) -> None:
     # vLLM closes a connection idle for 5 s. Were nginx to keep it longer, a request it sent on it
-    # as the server closed it would be lost (a POST is retried only on another server; during a
-    # rollout there may be none). The side that closes a TCP connection first keeps it in
+    # as the server closed it would be lost (nginx does not try that server again for it; during a
+    # rollout there may be no other). The side that closes a TCP connection first keeps it in
     # TIME-WAIT: it must be the gateway, for every idle connection nginx keeps to a server.
     for _ in range(4):
         assert curl(host, f"{URL}/v1/models").status == 200
