@@ -10,8 +10,8 @@ environment or package). Every request must succeed and every answer be complete
 server is taken out of rotation, the controller sends it long requests of its own (4 answers of
 1,900 tokens each, straight to its port, open to the controller as to a monitoring host), a new one
 every few seconds until the drain's wait begins, so that one is in flight when it first looks,
-however long the gateways took: the drain must wait for them before the restart, and each must be
-answered in full. Nothing changes on the servers but their processes, so there is nothing to roll
+however long the gateways took: the drain must wait for them before the restart (its first wait, on
+vLLM's /load, must see them), and each must be answered in full. Nothing changes on the servers but their processes, so there is nothing to roll
 back. Traffic stays inside the test containers.
 """
 
@@ -84,7 +84,7 @@ LONG = {"n": 4, "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True}
 # reloaded and the wait first looked.
 LONG_EVERY, LONG_AT_MOST = 4, 10
 DRAIN = "Take the server out of rotation at the gateways]"
-DRAIN_WAIT = "Wait until the server has no request running or waiting]"
+DRAIN_WAIT = "Wait until the server has no request in its HTTP front end]"
 
 
 def _long_request(url: str, key: str, answer: dict) -> None:
