@@ -214,6 +214,7 @@ def tuned(
     argv = [*vllm_entrypoint(python, model), "--served-model-name"]
     argv += [str(d["vllm_service_served_model_name"])]
     argv += ["--host", "127.0.0.1", "--port", str(port)]  # listen address auto without a gateway
+    argv += ["--enable-server-load-tracking"]
     argv += ["--max-model-len", str(int(tuning["max_model_len"]))]
     argv += ["--max-num-seqs", str(int(d["vllm_service_max_num_seqs"]))]
     if int(d["vllm_service_max_num_batched_tokens"]) > 0:

@@ -11,8 +11,8 @@ server is taken out of rotation, the controller sends it long requests of its ow
 1,900 tokens each, straight to its port, open to the controller as to a monitoring host), a new one
 every few seconds until the drain's wait begins, so that one is in flight when it first looks,
 however long the gateways took: the drain must wait for them before the restart (its first wait, on
-vLLM's /load, must see them), and each must be answered in full. Nothing changes on the servers but their processes, so there is nothing to roll
-back. Traffic stays inside the test containers.
+vLLM's /load, must see them), and each must be answered in full. Nothing changes on the servers but
+their processes, so there is nothing to roll back. Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
