@@ -98,6 +98,13 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
             "hsts_max_age must be a whole number",
             GATEWAY,
         ),
+        # idle connections the servers would close before the gateway does (vLLM's 5 s)
+        (
+            "site.yml",
+            {"vllm_gateway_upstream_keepalive_timeout": 5},
+            "must be below 5 s",
+            GATEWAY,
+        ),
         # a unit name that would reach the firewall drop-in's shell command
         ("site.yml", {"vllm_service_name": "vllm;id"}, "_ . -; without .service", BAD),
     ],
@@ -113,6 +120,7 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         "short-page-password",
         "trust-everyone",
         "hsts-not-a-number",
+        "keepalive-not-first",
         "unit-name-shell",
     ],
 )
