@@ -39,10 +39,18 @@ def needrestart() -> Iterator[object]:
     restarted it, the property under test broken)."""
     host = host_named(SERVER)
     before = host.check_output(PACKAGES).split()
+    install = (
+        "NEEDRESTART_SUSPEND=1 DEBIAN_FRONTEND=noninteractive"
+        " apt-get install --yes --no-install-recommends needrestart"
+    )
     try:
-        host.check_output(
-            "NEEDRESTART_SUSPEND=1 DEBIAN_FRONTEND=noninteractive"
-            " apt-get install --yes --no-install-recommends needrestart"
+        # (tried again: the mirror has had hiccups)
+        runs = []
+        wait_until(
+            lambda: runs.append(host.run(install)) or runs[-1].rc == 0,
+            120,
+            lambda: f"needrestart installed: {runs[-1].stdout[-1000:]} {runs[-1].stderr[-1000:]}",
+            10,
         )
         yield host
     finally:
