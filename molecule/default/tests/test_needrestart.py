@@ -5,12 +5,15 @@ included, and on Ubuntu 24.04 it restarts at once, without asking, every service
 library the transaction replaced. A restart there would cut the server's requests outside the
 drained, health-gated rollout. The service stage tells needrestart to defer it.
 
-The test installs Debian's needrestart on one server: the same program as Ubuntu's, which differs
-in its default mode only, and `-r a` asks for Ubuntu's. It then replaces a library the server maps
-(tcmalloc, which the unit preloads) with a copy of itself, a new file as a package update writes.
-needrestart, in its automatic mode, must list the server under its deferred restarts, and the
-server must keep its main pid. Afterwards the packages the test installed are purged. The server
-keeps mapping the old file, whose content is the same. Traffic stays inside the test containers.
+The test installs Debian's needrestart (3.6, the version Ubuntu 24.04 patches) on one server and
+runs it in upstream's automatic mode (`-r a`). Ubuntu's apt hook runs its own mode (`-m u`), which
+is not tested here: the rule is needrestart's per-service exception (`$nrconf{override_rc}`), which
+the automatic mode honours. The test replaces a library the server maps (tcmalloc, which the unit
+preloads) with a copy of itself, a new file as a package update writes. needrestart must then list
+the server under its deferred restarts, and the server must keep its main pid. It may restart other
+services of that test host which it finds outdated; none is asserted on. Afterwards the packages the
+test installed are purged. The server keeps mapping the old file, whose content is the same.
+Traffic stays inside the test containers.
 """
 
 from __future__ import annotations
