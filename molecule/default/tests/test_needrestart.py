@@ -10,10 +10,13 @@ runs it in upstream's automatic mode (`-r a`). Ubuntu's apt hook runs its own mo
 is not tested here: the rule is needrestart's per-service exception (`$nrconf{override_rc}`), which
 the automatic mode honours. The test replaces a library the server maps (tcmalloc, which the unit
 preloads) with a copy of itself, a new file as a package update writes. needrestart must then list
-the server under its deferred restarts, and the server must keep its main pid. It may restart other
-services of that test host which it finds outdated; none is asserted on. Afterwards the packages the
-test installed are purged. The server keeps mapping the old file, whose content is the same.
-Traffic stays inside the test containers.
+the server under its deferred restarts, and the server must keep its main pid. needrestart finds a
+process's program through `/proc/<pid>/exe`, which root reads for another user's process only with
+CAP_SYS_PTRACE: a host's root has it, a container only when given it (molecule.yml gives it to this
+server), and the test first checks that root can read it. It may restart other services of that test
+host which it finds outdated; none is asserted on. Afterwards the packages the test installed are
+purged. The server keeps mapping the old file, whose content is the same. Traffic stays inside the
+test containers.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def needrestart() -> Iterator[object]:
 def test_needrestart_defers_the_servers_restart_after_a_library_update(needrestart) -> None:
     host = needrestart
     pid = _main_pid(host)
+    # without it needrestart skips the server's processes as kernel threads, and sees nothing to do
+    exe = host.run("readlink /proc/%s/exe", pid)
+    assert exe.rc == 0, f"root cannot read /proc/{pid}/exe (no CAP_SYS_PTRACE?): {exe.stderr}"
     maps = host.check_output("grep -m1 -o '/[^ ]*libtcmalloc[^ ]*' /proc/%s/maps", pid)
     library = host.check_output("readlink -f %s", maps)
     host.check_output("cp -p %s %s.new && mv -f %s.new %s", library, library, library, library)
