@@ -140,7 +140,7 @@ def _serving(host) -> None:
     )
 
 
-def test_server_is_restarted_after_kill_9(host) -> None:
+def test_server_is_restarted_after_kill_9_and_its_first_request_may_be_a_short_prompt(host) -> None:
     _serving(host)
     pid = _main_pid(host)
     assert pid > 0
@@ -149,29 +149,9 @@ def test_server_is_restarted_after_kill_9(host) -> None:
     # Restart=always, after RestartSec: a new process, healthy again
     _back_after(host, pid, "kill -9")
     assert int(host.check_output("systemctl show --property NRestarts --value vllm")) > restarts
-
-
-def test_server_is_restarted_when_its_engine_dies(host) -> None:
-    # vLLM's engine core is a child of the API server; when it dies, the API server shuts down
-    # cleanly and exits 0, which Restart=on-failure would leave stopped.
-    _serving(host)
-    pid = _main_pid(host)
-    restarts = int(host.check_output("systemctl show --property NRestarts --value vllm"))
-    engines = host.check_output("pgrep --parent %s", str(pid)).split()
-    assert engines, f"no child process of the server {pid}"
-    for engine in engines:
-        host.run("kill -9 %s", engine)
-    _back_after(host, pid, "its engine died")
-    assert int(host.check_output("systemctl show --property NRestarts --value vllm")) > restarts
-
-
-def test_a_fresh_servers_first_request_may_be_a_short_prompt(host) -> None:
     # On an AMX CPU, vLLM 0.32's attention runs AMX instructions without asking Linux for them:
     # a fresh server whose first request was a 2-token prompt died of SIGILL (roles/vllm_install,
-    # tasks/amx.yml). The first request after a restart here is exactly that.
-    pid = _main_pid(host)
-    host.check_output("systemctl restart vllm")
-    _back_after(host, pid, "systemctl restart")
+    # tasks/amx.yml). The first request of this fresh start (/health is no request) is exactly that.
     pid = _main_pid(host)
     request = {"model": "Qwen/Qwen2.5-1.5B-Instruct", "prompt": "hi", "max_tokens": 4}
     body = json.dumps(request | {"ignore_eos": True})
@@ -186,6 +166,20 @@ def test_a_fresh_servers_first_request_may_be_a_short_prompt(host) -> None:
     assert rc == 0 and '"completion_tokens":4' in answer, answer[-500:]
     time.sleep(2)
     assert host.service("vllm").is_running and _main_pid(host) == pid
+
+
+def test_server_is_restarted_when_its_engine_dies(host) -> None:
+    # vLLM's engine core is a child of the API server; when it dies, the API server shuts down
+    # cleanly and exits 0, which Restart=on-failure would leave stopped.
+    _serving(host)
+    pid = _main_pid(host)
+    restarts = int(host.check_output("systemctl show --property NRestarts --value vllm"))
+    engines = host.check_output("pgrep --parent %s", str(pid)).split()
+    assert engines, f"no child process of the server {pid}"
+    for engine in engines:
+        host.run("kill -9 %s", engine)
+    _back_after(host, pid, "its engine died")
+    assert int(host.check_output("systemctl show --property NRestarts --value vllm")) > restarts
 
 
 def test_smoke_playbook_runs_the_recipes_two_clients_with_timings(host) -> None:
