@@ -1,15 +1,15 @@
 """A rollout that restarts every server loses no request.
 
 While hf-standin (a client outside the fleet) sends a bounded load of streamed and non-streamed chat
-completions through the gateway (tests/files/gateway_load.py: 4 clients, each pausing 2 s after
-each answer: ~2 requests a second all through the rollout, without keeping both cores of a small
-test machine busy: a pause of half a second made the test take 350 s against 218 s, a saturating
-load more than twice as long), serve.yml rolls
-a restart through the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained
-at the gateway, restarted, gated and put back, the path every planned restart takes (a changed unit,
+completions through the gateway (tests/files/gateway_load.py: 4 clients, each pausing 2 s after each
+answer: ~2 requests a second all through the rollout, without keeping both cores of a small test
+machine busy: with a pause of half a second every task of the rollout took 2 to 4 s on a 2-core
+host, and a saturating load made the test more than twice as long), serve.yml rolls a restart
+through the fleet (`vllm_service_rolling_restart`, batches of one): each server is drained at the
+gateway, restarted, gated and put back, the path every planned restart takes (a changed unit,
 environment or package). Every request must succeed and every answer be complete. When the first
 server is taken out of rotation, the controller sends it long requests of its own (4 answers of
-800 tokens each, straight to its port, open to the controller as to a monitoring host), a new one
+1,900 tokens each, straight to its port, open to the controller as to a monitoring host), a new one
 every few seconds until the drain's wait begins, so that one is in flight when it first looks,
 however long the gateways took: the drain must wait for them before the restart (its first wait, on
 vLLM's /load, must see them), and each must be answered in full. Nothing changes on the servers but
@@ -77,7 +77,7 @@ def load() -> Iterator[None]:
         wait_until(lambda: CLIENT.file(OUT).exists, 360, "the load client's summary", 3)
 
 
-LONG = {"n": 4, "max_tokens": 800, "min_tokens": 800, "ignore_eos": True}
+LONG = {"n": 4, "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True}
 # Between two long requests: well under the length of one (it added 40 s to the test on an AVX2
 # host); a new one also goes as soon as none is in flight, and at most LONG_AT_MOST in all (the
 # drain gives up after vllm_service_drain_timeout). A single request sent as the drain began once
