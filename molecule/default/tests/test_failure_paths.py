@@ -24,6 +24,7 @@ from helpers import (
     api_key,
     cpuinfo_without,
     host_named,
+    main_pid,
     recap_changed,
     run_playbook,
     run_with_secret,
@@ -84,12 +85,12 @@ def fleet_restored() -> Iterator[None]:
     a batch of more than one restarting server on any CPU."""
     hosts = [host_named(n) for n in SERVERS]
     yield
-    before = [server_state(h)[2] for h in hosts]
+    before = [main_pid(h) for h in hosts]
     rc, out = _stage(
         "serve.yml", limit=None, vllm_rollout_batch="100%", vllm_service_rolling_restart=True
     )
     assert rc == 0, out[-3000:]
-    after = [server_state(h)[2] for h in hosts]
+    after = [main_pid(h) for h in hosts]
     assert all(old != new for old, new in zip(before, after, strict=True)), (before, after)
     assert all(serving(h) for h in hosts)
 
@@ -120,14 +121,10 @@ def test_rollout_stops_at_a_failing_batch_and_the_others_keep_serving(
     assert serving(host)
 
 
-def _main_pid(host) -> int:
-    return int(host.check_output("systemctl show --property MainPID --value vllm"))
-
-
 def _back_after(host, pid: int, what: str) -> None:
     """Wait until systemd has started a new server process (not `pid`) that answers /health."""
     wait_until(
-        lambda: _main_pid(host) not in (0, pid) and serving(host), 600, f"vllm back after {what}"
+        lambda: main_pid(host) not in (0, pid) and serving(host), 600, f"vllm back after {what}"
     )
 
 
@@ -142,7 +139,7 @@ def _serving(host) -> None:
 
 def test_server_is_restarted_after_kill_9_and_its_first_request_may_be_a_short_prompt(host) -> None:
     _serving(host)
-    pid = _main_pid(host)
+    pid = main_pid(host)
     assert pid > 0
     restarts = int(host.check_output("systemctl show --property NRestarts --value vllm"))
     host.check_output("kill -9 %s", str(pid))
@@ -152,7 +149,7 @@ def test_server_is_restarted_after_kill_9_and_its_first_request_may_be_a_short_p
     # On an AMX CPU, vLLM 0.32's attention runs AMX instructions without asking Linux for them:
     # a fresh server whose first request was a 2-token prompt died of SIGILL (roles/vllm_install,
     # tasks/amx.yml). The first request of this fresh start (/health is no request) is exactly that.
-    pid = _main_pid(host)
+    pid = main_pid(host)
     request = {"model": "Qwen/Qwen2.5-1.5B-Instruct", "prompt": "hi", "max_tokens": 4}
     body = json.dumps(request | {"ignore_eos": True})
     rc, answer, _ = run_with_secret(
@@ -165,14 +162,14 @@ def test_server_is_restarted_after_kill_9_and_its_first_request_may_be_a_short_p
     )
     assert rc == 0 and '"completion_tokens":4' in answer, answer[-500:]
     time.sleep(2)
-    assert host.service("vllm").is_running and _main_pid(host) == pid
+    assert host.service("vllm").is_running and main_pid(host) == pid
 
 
 def test_server_is_restarted_when_its_engine_dies(host) -> None:
     # vLLM's engine core is a child of the API server; when it dies, the API server shuts down
     # cleanly and exits 0, which Restart=on-failure would leave stopped.
     _serving(host)
-    pid = _main_pid(host)
+    pid = main_pid(host)
     restarts = int(host.check_output("systemctl show --property NRestarts --value vllm"))
     engines = host.check_output("pgrep --parent %s", str(pid)).split()
     assert engines, f"no child process of the server {pid}"
@@ -235,7 +232,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         manifest |= {"builder": "newer-builder", "glibc": "99.1", "build_id": plan.group(1)}
         (kept / "build.json").write_text(json.dumps(manifest))
         before = BUILDER_HOST.check_output(BUILD_FOLDERS)
-        pid = _main_pid(host)
+        pid = main_pid(host)
         rc, out = _stage("vllm.yml", limit=BUILDER, vllm_build_use_precompiled=False)
         assert rc != 0
         glibc = host.check_output("getconf GNU_LIBC_VERSION").split()[-1]
@@ -248,7 +245,7 @@ def test_a_kept_wheel_that_needs_a_newer_c_library_is_refused_before_anything_ch
         assert "Build the wheel with VLLM_TARGET_DEVICE=cpu" not in out
         assert recap_changed(out, BUILDER) == 0
         assert BUILDER_HOST.check_output(BUILD_FOLDERS) == before
-        assert host.service("vllm").is_running and _main_pid(host) == pid
+        assert host.service("vllm").is_running and main_pid(host) == pid
     finally:
         shutil.rmtree(kept)
 

@@ -26,16 +26,12 @@ from collections.abc import Iterator
 
 import pytest
 import testinfra.utils.ansible_runner
-from helpers import host_named, serving, wait_until
+from helpers import host_named, main_pid, serving, wait_until
 
 SERVER = testinfra.utils.ansible_runner.AnsibleRunner(
     os.environ["MOLECULE_INVENTORY_FILE"]
 ).get_hosts("vllm_servers")[-1]
 PACKAGES = "dpkg-query --show --showformat '${Package}\\n' | sort"
-
-
-def _main_pid(host) -> str:
-    return host.check_output("systemctl show --property MainPID --value vllm")
 
 
 @pytest.fixture
@@ -72,20 +68,20 @@ def needrestart() -> Iterator[object]:
 
 def test_needrestart_defers_the_servers_restart_after_a_library_update(needrestart) -> None:
     host = needrestart
-    pid = _main_pid(host)
+    pid = main_pid(host)
     # without it needrestart skips the server's processes as kernel threads, and sees nothing to do
-    exe = host.run("readlink /proc/%s/exe", pid)
+    exe = host.run("readlink /proc/%s/exe", str(pid))
     assert exe.rc == 0, f"root cannot read /proc/{pid}/exe (no CAP_SYS_PTRACE?): {exe.stderr}"
-    maps = host.check_output("grep -m1 -o '/[^ ]*libtcmalloc[^ ]*' /proc/%s/maps", pid)
+    maps = host.check_output("grep -m1 -o '/[^ ]*libtcmalloc[^ ]*' /proc/%s/maps", str(pid))
     library = host.check_output("readlink -f %s", maps)
     host.check_output("cp -p %s %s.new && mv -f %s.new %s", library, library, library, library)
     # the server now maps a file that is gone: what needrestart looks for
-    assert "(deleted)" in host.check_output("grep libtcmalloc /proc/%s/maps", pid)
+    assert "(deleted)" in host.check_output("grep libtcmalloc /proc/%s/maps", str(pid))
     # (one stream: its notices and the commands under them come in order)
     run = host.run("needrestart -r a -l 2>&1")
     out = run.stdout
     assert run.rc == 0, out
     deferred = out.split("Service restarts being deferred:", 1)
     assert len(deferred) == 2 and "systemctl restart vllm.service" in deferred[1], out
-    assert _main_pid(host) == pid, out
+    assert main_pid(host) == pid, out
     assert serving(host)

@@ -22,6 +22,7 @@ from helpers import (
     ENDED,
     PYTHON,
     host_named,
+    main_pid,
     run_playbook,
     server_state,
     serving,
@@ -252,8 +253,8 @@ def test_a_new_package_restarts_the_server_through_the_rollout(new_package: str)
 
 def _cmdline(host) -> str:
     """The command line of BAD's running vLLM (its main process)."""
-    pid = host.check_output("systemctl show --property MainPID --value vllm")
-    return host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", pid)
+    pid = main_pid(host)
+    return host.check_output("tr '\\0' ' ' < /proc/%s/cmdline", str(pid))
 
 
 @pytest.fixture

@@ -143,8 +143,8 @@ class Deployed:
     runnable: bool  # this CPU has what the checkpoint's kernel needs
     rc: int  # the exit code and the output of the service stage that deployed it
     out: str
-    before: tuple[str, str, str]  # the unit's and environment file's sha256 and vLLM's main pid
-    after: tuple[str, str, str]
+    before: tuple[str, str, int]  # the unit's and environment file's sha256 and vLLM's main pid
+    after: tuple[str, str, int]
     seen: dict[str, Any] = field(default_factory=dict)  # the server right after (_observe)
 
 

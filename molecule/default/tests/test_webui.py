@@ -13,7 +13,7 @@ from base64 import b64decode
 from pathlib import Path
 
 import testinfra.utils.ansible_runner
-from helpers import api_key, host_named, run_with_secret
+from helpers import api_key, host_named, main_pid, run_with_secret
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
@@ -33,10 +33,6 @@ RECORDED_EXPOSURE = 1.5
 def _address(host) -> str:
     """The host's address on the scenario's network, as the controller reaches it."""
     return host.check_output("hostname -I").split()[0]
-
-
-def _main_pid(host) -> str:
-    return host.check_output("systemctl show --property MainPID --value vllm-webui")
 
 
 def test_service_user_cannot_log_in(host) -> None:
@@ -71,14 +67,14 @@ def test_security_exposure_is_no_worse_than_recorded(host) -> None:
 def test_unit_runs_as_its_user_on_loopback_only(host) -> None:
     service = host.service("vllm-webui")
     assert service.is_enabled and service.is_running
-    assert host.check_output("ps -o user= -p %s", _main_pid(host)) == "vllm-webui"
+    assert host.check_output("ps -o user= -p %s", str(main_pid(host, "vllm-webui"))) == "vllm-webui"
     assert host.socket("tcp://127.0.0.1:7860").is_listening
     assert not host.socket("tcp://0.0.0.0:7860").is_listening
 
 
 def _environ(host) -> dict[str, str]:
     """The page's environment as systemd gave it to the process."""
-    raw = host.check_output("base64 -w0 /proc/%s/environ", _main_pid(host))
+    raw = host.check_output("base64 -w0 /proc/%s/environ", str(main_pid(host, "vllm-webui")))
     return dict(item.split("=", 1) for item in b64decode(raw).decode().split("\0") if item)
 
 

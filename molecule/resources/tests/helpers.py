@@ -86,12 +86,17 @@ def api_key(host) -> str:
     return re.sub(r"\\(.)", r"\1", found.group(1))
 
 
-def server_state(host) -> tuple[str, str, str]:
+def main_pid(host, unit: str = "vllm") -> int:
+    """The main pid of the systemd unit `unit` on `host`, 0 when it runs no process."""
+    return int(host.check_output("systemctl show --property MainPID --value %s", unit))
+
+
+def server_state(host) -> tuple[str, str, int]:
     """The sha256 of the server's unit and of its environment file, and vLLM's main pid."""
     return (
         host.file("/etc/systemd/system/vllm.service").sha256sum,
         host.file("/etc/vllm/vllm.env").sha256sum,
-        host.check_output("systemctl show --property MainPID --value vllm"),
+        main_pid(host),
     )
 
 
