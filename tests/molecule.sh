@@ -63,8 +63,8 @@ fi
 # step by step as `molecule test` would (the test_sequence of .config/molecule/config.yml); the others
 # start once its converge has ended, in the background, with their output in
 # .cache/molecule/<scenario>.log, printed once all have ended. Its converge keeps the cores to itself
-# (the busiest step: 9.3 min alone against 16.1 beside the others, AMD AVX2 host), and the others fill
-# the cores its later steps leave idle (about a third: each of their tasks waits on the containers).
+# (the busiest step: 9.2-9.3 min alone, 16.1 beside the others, one AMD AVX2 VM, molecule/README.md),
+# and the others use what its later steps leave idle (about a third of the machine in that run).
 # Their containers, networks, ephemeral folders and controller archives are their own; a scenario
 # that shared a controller archive (pip_wheelhouse publishes it by renaming) would race.
 # With more options (--all --destroy=never, ...) molecule runs the scenarios one after the other.
@@ -86,7 +86,7 @@ default_test() {
 }
 rc=0
 time default_test || rc=$?
-molecule destroy -s default || rc=1
+molecule destroy -s default || ((rc)) || rc=1
 ((${#side[@]})) || start_side_scenarios # (the default one's converge failed: they still run)
 for i in "${!side[@]}"; do
   side_rc=0

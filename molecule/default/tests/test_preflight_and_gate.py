@@ -47,7 +47,7 @@ def _playbook(
     )
 
 
-def _state() -> dict[str, tuple[str, str, str]]:
+def _state() -> dict[str, tuple[str, str, int]]:
     """Per server: sha256 of the unit and of the environment file, and vLLM's main pid."""
     return {name: server_state(host) for name, host in HOSTS.items()}
 
