@@ -108,6 +108,13 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         ),
         # a unit name that would reach the firewall drop-in's shell command
         ("site.yml", {"vllm_service_name": "vllm;id"}, "_ . -; without .service", BAD),
+        # a fleet-wide setting (fleet_common's spec), on a host that is no server
+        (
+            "site.yml",
+            {"fleet_common_apt_lock_timeout": "15m"},
+            "fleet_common_apt_lock_timeout",
+            GATEWAY,
+        ),
     ],
     ids=[
         "argument-spec",
@@ -123,6 +130,7 @@ SHORT_KEY, SHORT_PASSWORD = "sk-" + "k3y" * 9, "pass-w0rd"
         "hsts-not-a-number",
         "keepalive-not-first",
         "unit-name-shell",
+        "apt-lock-wait-spec",
     ],
 )
 def test_bad_value_on_one_host_leaves_every_host_unchanged(

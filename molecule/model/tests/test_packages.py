@@ -1,0 +1,79 @@
+"""A package installation waits for the dpkg lock another apt holds (molecule/model).
+
+Right after an Ubuntu VM's first boot, unattended upgrades hold dpkg's lock for minutes; apt itself
+gives up after 60 s. Here a process on HOST holds the lock as apt does (an fcntl lock on
+/var/lib/dpkg/lock-frontend) while the toolchain stage installs one package more, and lets it go
+80 s after the stage's install task began. The stage must wait (not fail, not try again) and install
+the package once the lock is free. The package comes from the test image's Debian mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import testinfra.utils.ansible_runner
+from helpers import run_playbook, wait_until
+
+HOST = testinfra.utils.ansible_runner.AnsibleRunner(
+    os.environ["MOLECULE_INVENTORY_FILE"]
+).get_hosts("vllm_servers")[-1]
+testinfra_hosts = [HOST]
+
+PACKAGE = "hello"  # small, in Debian's and Ubuntu's main archive, installed by no role
+WAIT = 80  # s the lock stays held after the install task began: more than apt's own 60
+UNIT = "fleet-test-dpkg-lock"
+HELD, RELEASE = "/run/fleet-test-dpkg-held", "/run/fleet-test-dpkg-release"
+LOCK = "/var/lib/dpkg/lock-frontend"
+HOLDER = f"""
+import fcntl, os, time
+lock = open("{LOCK}", "w")
+fcntl.lockf(lock, fcntl.LOCK_EX)
+open("{HELD}", "w").close()
+while not os.path.exists("{RELEASE}"):
+    time.sleep(0.2)
+"""
+PROBE = f'import fcntl; fcntl.lockf(open("{LOCK}", "w"), fcntl.LOCK_EX | fcntl.LOCK_NB)'
+
+
+def test_a_package_installation_waits_for_the_dpkg_lock_another_apt_holds(host) -> None:
+    assert host.run("dpkg-query --show %s", PACKAGE).rc != 0, f"{PACKAGE} is installed already"
+    released: list[int] = []
+    timers: list[threading.Timer] = []
+
+    def release() -> None:
+        released.append(int(host.check_output("touch %s && date +%%s", RELEASE)))
+
+    def watch(line: str) -> None:
+        # the shared install task (fleet_common/tasks/apt.yml) names the packages it installs
+        if not timers and line.startswith("TASK [fleet_common : Install ") and PACKAGE in line:
+            timers.append(threading.Timer(WAIT, release))
+            timers[0].start()
+
+    host.check_output("systemd-run --unit %s --collect python3 -c %s", UNIT, HOLDER)
+    try:
+        wait_until(lambda: host.file(HELD).exists, 30, f"{UNIT} holding dpkg's lock", 1)
+        assert host.run("python3 -c %s", PROBE).rc != 0, "the lock is not held"
+        rc, out = run_playbook(
+            "playbooks/toolchain.yml",
+            "--limit",
+            HOST,
+            extra_vars={"build_toolchain_extra_packages": [PACKAGE]},
+            watch=watch,
+        )
+        for timer in timers:
+            timer.join()
+        assert rc == 0, out[-3000:]
+        assert timers, f"no install task of {PACKAGE}: {out[-3000:]}"
+        assert "RETRYING" not in out, out[-3000:]  # it waited; it did not fail and try again
+        # when dpkg installed it, by dpkg's log (the host's own clock, as `released`)
+        log = f"grep ' status installed {PACKAGE}:' /var/log/dpkg.log | tail -n 1 | cut -c1-19"
+        installed = int(host.check_output(f'date -d "$({log})" +%s'))
+        assert installed >= released[0] - 1, (installed, released)
+    finally:
+        for timer in timers:
+            timer.cancel()
+        host.run("touch %s", RELEASE)
+        wait_until(lambda: host.run("systemctl is-active --quiet %s", UNIT).rc != 0, 30, UNIT)
+        host.run("rm -f %s %s", HELD, RELEASE)
+        host.check_output("DEBIAN_FRONTEND=noninteractive apt-get purge --yes %s", PACKAGE)
