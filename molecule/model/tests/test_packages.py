@@ -1,16 +1,18 @@
 """A package installation waits for the dpkg lock another apt holds (molecule/model).
 
-Right after an Ubuntu VM's first boot, unattended upgrades hold dpkg's lock for minutes; apt itself
-gives up after 60 s. Here a process on HOST holds the lock as apt does (an fcntl lock on
-/var/lib/dpkg/lock-frontend) while the toolchain stage installs one package more, and lets it go
-80 s after the stage's install task began. The stage must wait (not fail, not try again) and install
-the package once the lock is free. The package comes from the test image's Debian mirror.
+Right after an Ubuntu VM's first boot, unattended upgrades hold dpkg's lock for minutes; Ansible's
+apt module gives up after 60 s by default. Here a process on HOST holds the lock as apt does (an
+fcntl lock on /var/lib/dpkg/lock-frontend) while the toolchain stage installs one package more, and
+lets it go 75 s after the stage's `apt-get` began to wait for it. The stage must wait (not fail, not
+try again) and install the package once the lock is free. The package comes from the test image's
+Debian mirror.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import testinfra.utils.ansible_runner
 from helpers import run_playbook, wait_until
@@ -21,7 +23,7 @@ HOST = testinfra.utils.ansible_runner.AnsibleRunner(
 testinfra_hosts = [HOST]
 
 PACKAGE = "hello"  # small, in Debian's and Ubuntu's main archive, installed by no role
-WAIT = 80  # s the lock stays held after the install task began: more than apt's own 60
+WAIT = 75  # s the lock stays held once apt-get waits for it: more than the apt module's default 60
 UNIT = "fleet-test-dpkg-lock"
 HELD, RELEASE = "/run/fleet-test-dpkg-held", "/run/fleet-test-dpkg-release"
 LOCK = "/var/lib/dpkg/lock-frontend"
@@ -34,21 +36,31 @@ while not os.path.exists("{RELEASE}"):
     time.sleep(0.2)
 """
 PROBE = f'import fcntl; fcntl.lockf(open("{LOCK}", "w"), fcntl.LOCK_EX | fcntl.LOCK_NB)'
+# the apt module's apt-get, waiting for the lock (anchored: the shell running pgrep does not match)
+APT_GET = f"^/usr/bin/apt-get .*DPkg::Lock::Timeout=.* install .*{PACKAGE}"
 
 
 def test_a_package_installation_waits_for_the_dpkg_lock_another_apt_holds(host) -> None:
     assert host.run("dpkg-query --show %s", PACKAGE).rc != 0, f"{PACKAGE} is installed already"
-    released: list[int] = []
-    timers: list[threading.Timer] = []
+    waited: list[bool] = []  # whether apt-get was seen waiting
+    released: list[int] = []  # when the lock was let go (the host's clock)
+    threads: list[threading.Thread] = []
 
-    def release() -> None:
+    def hold_then_release() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if host.run("pgrep -f %s", APT_GET).rc == 0:
+                waited.append(True)
+                time.sleep(WAIT)
+                break
+            time.sleep(1)
         released.append(int(host.check_output("touch %s && date +%%s", RELEASE)))
 
     def watch(line: str) -> None:
         # the shared install task (fleet_common/tasks/apt.yml) names the packages it installs
-        if not timers and line.startswith("TASK [fleet_common : Install ") and PACKAGE in line:
-            timers.append(threading.Timer(WAIT, release))
-            timers[0].start()
+        if not threads and line.startswith("TASK [fleet_common : Install ") and PACKAGE in line:
+            threads.append(threading.Thread(target=hold_then_release))
+            threads[0].start()
 
     host.check_output("systemd-run --unit %s --collect python3 -c %s", UNIT, HOLDER)
     try:
@@ -59,21 +71,26 @@ def test_a_package_installation_waits_for_the_dpkg_lock_another_apt_holds(host) 
             "--limit",
             HOST,
             extra_vars={"build_toolchain_extra_packages": [PACKAGE]},
+            timeout=900,
             watch=watch,
         )
-        for timer in timers:
-            timer.join()
+        for thread in threads:
+            thread.join()
+        assert threads, f"no install task of {PACKAGE}: {out[-3000:]}"
+        assert waited, "apt-get never waited for the lock"
         assert rc == 0, out[-3000:]
-        assert timers, f"no install task of {PACKAGE}: {out[-3000:]}"
         assert "RETRYING" not in out, out[-3000:]  # it waited; it did not fail and try again
         # when dpkg installed it, by dpkg's log (the host's own clock, as `released`)
         log = f"grep ' status installed {PACKAGE}:' /var/log/dpkg.log | tail -n 1 | cut -c1-19"
         installed = int(host.check_output(f'date -d "$({log})" +%s'))
         assert installed >= released[0] - 1, (installed, released)
     finally:
-        for timer in timers:
-            timer.cancel()
         host.run("touch %s", RELEASE)
+        for thread in threads:
+            thread.join()
         wait_until(lambda: host.run("systemctl is-active --quiet %s", UNIT).rc != 0, 30, UNIT)
         host.run("rm -f %s %s", HELD, RELEASE)
-        host.check_output("DEBIAN_FRONTEND=noninteractive apt-get purge --yes %s", PACKAGE)
+        host.check_output(
+            "DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 purge --yes %s",
+            PACKAGE,
+        )
