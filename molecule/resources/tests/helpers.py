@@ -54,16 +54,23 @@ def serving(host) -> bool:
 T = TypeVar("T")
 
 
+def poll(check: Callable[[], T], timeout: float, interval: float = 5) -> T:
+    """Call `check` every `interval` s until it returns a true value, and return that value; after
+    `timeout` s, return its last (false) value. For a thread or a cleanup, where a failed test
+    would not reach pytest or would skip what comes after; elsewhere wait_until."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() <= deadline:
+        time.sleep(interval)
+    return value
+
+
 def wait_until(
     check: Callable[[], T], timeout: float, what: str | Callable[[], str], interval: float = 5
 ) -> T:
     """Call `check` every `interval` s until it returns a true value, and return that value; after
     `timeout` s, fail the test with `what`: what was waited for (or a function that says it)."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what() if callable(what) else what}")
-        time.sleep(interval)
+    if not (value := poll(check, timeout, interval)):
+        pytest.fail(f"not within {timeout:.0f} s: {what() if callable(what) else what}")
     return value
 
 
