@@ -68,8 +68,9 @@ fi
 # that shared a controller archive (pip_wheelhouse publishes it by renaming) would race.
 # With more options (--all --destroy=never, ...) molecule runs the scenarios one after the other.
 # The others run at a lower CPU weight: their Ansible and tests under nice, their containers with a quarter of
-# Docker's default CPU shares (molecule/resources/playbooks/prepare.yml), so that they take what the default
-# scenario's steps leave idle (a third of the cores in its converge, alone) rather than slowing those steps.
+# Docker's default CPU shares (molecule/resources/playbooks/prepare.yml). Shares are weights, not priorities:
+# when both are busy the default scenario's containers get the larger part of the cores, not all of them; what
+# its steps leave idle (a third of the cores in its converge, alone) the others take whole.
 mkdir -p .cache/molecule
 for scenario in molecule/*/molecule.yml; do
   scenario=$(basename "$(dirname "$scenario")")

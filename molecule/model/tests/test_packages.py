@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import testinfra.utils.ansible_runner
 from helpers import main_pid, poll, run_playbook, wait_until
@@ -44,16 +43,19 @@ def test_a_package_installation_waits_for_the_dpkg_lock_another_apt_holds(host) 
     assert host.run("dpkg-query --show %s", PACKAGE).rc != 0, f"{PACKAGE} is installed already"
     waited: list[bool] = []  # whether apt-get was seen waiting
     released: list[int] = []  # when the lock was let go (the host's clock)
+    done = threading.Event()  # the stage run has returned (or the test is ending)
 
     def gone() -> bool:
         return host.run("systemctl is-active --quiet %s", UNIT).rc != 0
 
     def hold_then_release() -> None:
-        """Once the stage's apt-get waits for the lock (within 420 s), let it go WAIT s later."""
+        """Once the stage's apt-get waits for the lock (within 420 s), let it go WAIT s later;
+        at once if the stage run returns first (a failure shows without waiting out the window)."""
         try:
-            if poll(lambda: host.run("pgrep -f %s", APT_GET).rc == 0, 420, 1):
+            seen = poll(lambda: done.is_set() or host.run("pgrep -f %s", APT_GET).rc == 0, 420, 1)
+            if seen and not done.is_set():
                 waited.append(True)
-                time.sleep(WAIT)
+                done.wait(WAIT)
         finally:
             released.append(int(host.check_output("touch %s && date +%%s", RELEASE)))
 
@@ -74,6 +76,7 @@ def test_a_package_installation_waits_for_the_dpkg_lock_another_apt_holds(host) 
             extra_vars={"build_toolchain_extra_packages": [PACKAGE]},
             timeout=900,
         )
+        done.set()
         releaser.join()
         assert waited, f"apt-get never waited for the lock: {out[-3000:]}"
         assert rc == 0, out[-3000:]
@@ -83,6 +86,7 @@ def test_a_package_installation_waits_for_the_dpkg_lock_another_apt_holds(host) 
         installed = int(host.check_output(f'date -d "$({log})" +%s'))
         assert installed >= released[0] - 1, (installed, released)
     finally:
+        done.set()
         host.run("touch %s", RELEASE)
         if releaser.is_alive():
             releaser.join()
