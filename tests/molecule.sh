@@ -67,16 +67,11 @@ fi
 # Their containers, networks, ephemeral folders and controller archives are their own; a scenario
 # that shared a controller archive (pip_wheelhouse publishes it by renaming) would race.
 # With more options (--all --destroy=never, ...) molecule runs the scenarios one after the other.
-# The others run at a lower CPU weight: their Ansible and tests under nice, their containers with a quarter of
-# Docker's default CPU shares (molecule/resources/playbooks/prepare.yml). Shares are weights, not priorities:
-# when both are busy the default scenario's containers get the larger part of the cores, not all of them; what
-# its steps leave idle (a third of the cores in its converge, alone) the others take whole.
 mkdir -p .cache/molecule
 for scenario in molecule/*/molecule.yml; do
   scenario=$(basename "$(dirname "$scenario")")
   [[ $scenario == default ]] && continue
-  VLLM_FLEET_TEST_CPU_SHARES=256 setsid --wait nice -n 10 molecule test -s "$scenario" \
-    >".cache/molecule/$scenario.log" 2>&1 &
+  setsid --wait molecule test -s "$scenario" >".cache/molecule/$scenario.log" 2>&1 &
   side+=("$scenario")
   side_pids+=("$!")
 done
