@@ -368,10 +368,12 @@ def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
 # Two clients a load balancer (client-g, when trusted) names in X-Forwarded-For (TEST-NET-3).
 FORWARDED = ("203.0.113.10", "203.0.113.20")
 # IPv6 clients it names (documentation prefix 2001:db8::/32): two addresses of one /64 (the role's
-# vllm_gateway_client_ipv6_prefix), two of different /64s, and two IPv4-mapped addresses (whose
-# first 64 bits are the same: each must still be a client of its own)
-ONE_NETWORK = ("2001:db8:0:1::a", "2001:db8:0:1:ffff::b")
-TWO_NETWORKS = ("2001:db8:0:1::a", "2001:db8:0:2::a")
+# vllm_gateway_client_ipv6_prefix) and two of different /64s, whose first 64 bits hold 0x0a bytes
+# (a newline, which a regular expression's "." skips unless told); an IPv4 address and its
+# IPv4-mapped form (one client); two IPv4-mapped addresses, whose first 64 bits are the same (two)
+ONE_NETWORK = ("2001:db8:a:a::1", "2001:db8:a:a:ffff::2")
+TWO_NETWORKS = ("2001:db8:a:a::1", "2001:db8:a:b::1")
+ONE_IPV4 = ("203.0.113.10", "::ffff:203.0.113.10")
 MAPPED = ("::ffff:203.0.113.10", "::ffff:203.0.113.20")
 ACCESS_LOG = "/var/log/nginx/vllm-gateway.access.log"
 
@@ -406,10 +408,12 @@ def test_behind_a_trusted_proxy_each_client_it_names_has_its_own_share(host) -> 
         assert [r[0] for r in results].count(200) == 2 * PER_CLIENT, results
         assert set(_logged_clients(host, 2 * PER_CLIENT)) == set(FORWARDED)
         # an IPv6 client is its /64: one that takes a new address for each request still has one
-        # share; two networks have two, and so have two IPv4-mapped addresses
-        results = _streams_at_once(client, 2 * PER_CLIENT, ONE_NETWORK)
-        assert [r[0] for r in results].count(200) == PER_CLIENT, results
-        assert set(_logged_clients(host, 2 * PER_CLIENT)) == set(ONE_NETWORK)
+        # share, and so has an IPv4 address named in both forms; two networks have two, and so have
+        # two IPv4-mapped addresses
+        for one in (ONE_NETWORK, ONE_IPV4):
+            results = _streams_at_once(client, 2 * PER_CLIENT, one)
+            assert [r[0] for r in results].count(200) == PER_CLIENT, (one, results)
+            assert set(_logged_clients(host, 2 * PER_CLIENT)) == set(one)
         for two in (TWO_NETWORKS, MAPPED):
             results = _streams_at_once(client, 2 * PER_CLIENT, two)
             assert [r[0] for r in results].count(200) == 2 * PER_CLIENT, (two, results)
