@@ -365,6 +365,47 @@ def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
     assert curl(client, f"{URL}/v1/chat/completions", body=chat(), ca=OUTSIDE_CA).status == 200
 
 
+CLIENT_TIMEOUT = 10  # vllm_gateway_client_timeout (the role's default)
+
+# Two requests over TLS that stop half-way: headers begun and never ended, and a body of 1000
+# bytes announced (with the key, so that nginx reads it) and 8 sent. Each: [seconds until the
+# gateway closed the connection, what it sent back].
+HALF_REQUESTS = (
+    "import json, socket, ssl, sys, time\n"
+    "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+    "def held(request):\n"
+    "    raw = socket.create_connection((sys.argv[2], 443), timeout=120)\n"
+    "    conn = ctx.wrap_socket(raw, server_hostname=sys.argv[2])\n"
+    "    conn.sendall(request.encode())\n"
+    "    start, got = time.monotonic(), b''\n"
+    "    try:\n"
+    "        while chunk := conn.recv(4096):\n"
+    "            got += chunk\n"
+    "    except (ConnectionError, ssl.SSLError):\n"
+    "        pass\n"
+    "    return [time.monotonic() - start, got.decode(errors='replace')[:200]]\n"
+    "head = 'POST /v1/chat/completions HTTP/1.1\\r\\nHost: ' + sys.argv[2] + '\\r\\n'\n"
+    "body = head + 'Authorization: Bearer ' + sys.argv[3] + '\\r\\n'\n"
+    "body += 'Content-Type: application/json\\r\\n'\n"
+    "body += 'Content-Length: 1000\\r\\n\\r\\n{\"model\"'\n"
+    "print(json.dumps([held(head), held(body)]))\n"
+)
+
+
+def test_a_client_that_stops_half_way_through_its_request_is_dropped(host) -> None:
+    # One host could otherwise hold many connections open with requests it never ends, 60 s
+    # each (nginx's default): after CLIENT_TIMEOUT s of silence the gateway closes them, answering
+    # nothing
+    client = client_elsewhere(host)
+    rc, out, err = run_with_secret(
+        client, "python3 -c %s %s %s %s", HALF_REQUESTS, OUTSIDE_CA, GATEWAY, KEY
+    )
+    assert rc == 0, err
+    for elapsed, answer in json.loads(out):
+        assert CLIENT_TIMEOUT - 1 < elapsed < 3 * CLIENT_TIMEOUT, (elapsed, answer)
+        assert answer == "", answer
+
+
 # Two clients a load balancer (client-g, when trusted) names in X-Forwarded-For (TEST-NET-3).
 FORWARDED = ("203.0.113.10", "203.0.113.20")
 # IPv6 clients it names (documentation prefix 2001:db8::/32): two addresses of one /64 (the role's
