@@ -368,20 +368,21 @@ def test_one_client_address_holds_at_most_its_share_of_requests(host) -> None:
 CLIENT_TIMEOUT = 10  # vllm_gateway_client_timeout (the role's default)
 
 # Two requests over TLS that stop half-way: headers begun and never ended, and a body of 1000
-# bytes announced (with the key, so that nginx reads it) and 8 sent. Each: [seconds until the
-# gateway closed the connection, what it sent back].
+# bytes announced (with the key, so that nginx reads it) and 8 sent. Each: [seconds from the
+# connection's opening until the gateway closed it (or until the client gave up, argv[4] s
+# without a byte), what the gateway sent back].
 HALF_REQUESTS = (
     "import json, socket, ssl, sys, time\n"
     "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
     "def held(request):\n"
-    "    raw = socket.create_connection((sys.argv[2], 443), timeout=120)\n"
+    "    start, got = time.monotonic(), b''\n"
+    "    raw = socket.create_connection((sys.argv[2], 443), timeout=int(sys.argv[4]))\n"
     "    conn = ctx.wrap_socket(raw, server_hostname=sys.argv[2])\n"
     "    conn.sendall(request.encode())\n"
-    "    start, got = time.monotonic(), b''\n"
     "    try:\n"
     "        while chunk := conn.recv(4096):\n"
     "            got += chunk\n"
-    "    except (ConnectionError, ssl.SSLError):\n"
+    "    except (ConnectionError, ssl.SSLError, TimeoutError):\n"
     "        pass\n"
     "    return [time.monotonic() - start, got.decode(errors='replace')[:200]]\n"
     "head = 'POST /v1/chat/completions HTTP/1.1\\r\\nHost: ' + sys.argv[2] + '\\r\\n'\n"
@@ -394,11 +395,12 @@ HALF_REQUESTS = (
 
 def test_a_client_that_stops_half_way_through_its_request_is_dropped(host) -> None:
     # One host could otherwise hold many connections open with requests it never ends, 60 s
-    # each (nginx's default): after CLIENT_TIMEOUT s of silence the gateway closes them, answering
-    # nothing
+    # each (nginx's default): CLIENT_TIMEOUT s after the connection opened (the headers) or after
+    # the last bytes of the body, the gateway closes it, answering nothing
     client = client_elsewhere(host)
+    gives_up = 3 * CLIENT_TIMEOUT + 5
     rc, out, err = run_with_secret(
-        client, "python3 -c %s %s %s %s", HALF_REQUESTS, OUTSIDE_CA, GATEWAY, KEY
+        client, "python3 -c %s %s %s %s %s", HALF_REQUESTS, OUTSIDE_CA, GATEWAY, KEY, str(gives_up)
     )
     assert rc == 0, err
     for elapsed, answer in json.loads(out):
