@@ -10,6 +10,7 @@ molecule/resources/tests/gateway_client.py. Traffic stays inside the test contai
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -290,6 +291,72 @@ def test_guessing_the_page_password_is_slowed_at_the_gateway(host) -> None:
     )
     assert "429" in guesses, guesses
     assert own_login == 200
+
+
+PAGE_REQUESTS_PER_CLIENT = 64  # vllm_gateway_page_requests_per_client (the role's default)
+
+# argv[3] requests to the page over TLS, each with a body of 1000 bytes announced and 9 sent (nginx
+# waits for the rest), then one whole request. Prints [that request's status line, how many of the
+# held ones the gateway had answered].
+HELD_BODIES = (
+    "import json, socket, ssl, sys, time\n"
+    "ctx = ssl.create_default_context(cafile=sys.argv[1])\n"
+    "def opened(request):\n"
+    "    raw = socket.create_connection((sys.argv[2], 443), timeout=20)\n"
+    "    conn = ctx.wrap_socket(raw, server_hostname=sys.argv[2])\n"
+    "    conn.sendall(request.encode())\n"
+    "    return conn\n"
+    "head = 'HTTP/1.1\\r\\nHost: ' + sys.argv[2] + '\\r\\n'\n"
+    "begun = 'POST / ' + head + 'Content-Length: 1000\\r\\n\\r\\nusername='\n"
+    "held = [opened(begun) for _ in range(int(sys.argv[3]))]\n"
+    "time.sleep(1)\n"
+    "last = opened('GET / ' + head + 'Connection: close\\r\\n\\r\\n')\n"
+    "status = last.recv(4096).decode(errors='replace').split('\\r\\n')[0]\n"
+    "answered = 0\n"
+    "for conn in held:\n"
+    "    conn.setblocking(False)\n"
+    "    try:\n"
+    "        answered += len(conn.recv(4096)) > 0\n"
+    "    except (BlockingIOError, ssl.SSLWantReadError):\n"
+    "        pass\n"
+    "    conn.close()\n"
+    "last.close()\n"
+    "time.sleep(0.5)\n"
+    "print(json.dumps([status, answered]))\n"
+)
+
+
+def test_one_client_holds_at_most_its_share_of_requests_to_the_page(host) -> None:
+    # One host sending bodies a byte at a time (each within the client timeout) could otherwise
+    # take all of nginx's connections, and the page from everybody. From another host: the
+    # page's share of requests held, each waiting for the rest of its body; the next one is
+    # refused at once, and answered once they are closed.
+    outside = client_elsewhere(host)
+    out = outside.check_output(
+        "python3 -c %s %s %s %s", HELD_BODIES, OUTSIDE_CA, GATEWAY, str(PAGE_REQUESTS_PER_CLIENT)
+    )
+    status, answered = json.loads(out)
+    assert answered == 0, out  # every held request still waits: the share is not smaller
+    assert status.split()[1:2] == ["429"], out
+    assert curl(outside, f"{URL}/", key=None, ca=OUTSIDE_CA).status == 200
+
+
+def test_no_protocol_upgrade_reaches_the_page(host) -> None:
+    # The web UI has no websocket route (Gradio 6 streams by server-sent events): an upgrade passed
+    # on could only open a tunnel to it past the gateway's rules. Its uvicorn logs every upgrade it
+    # is asked for ("Unsupported upgrade request."); asked for two from another host, it logs none.
+    since = host.check_output("date +%s")
+    for upgrade in ("websocket", "h2c"):
+        asked = ("--header", "Connection: Upgrade, HTTP2-Settings")
+        asked += ("--header", f"Upgrade: {upgrade}")
+        asked += ("--header", "HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA")
+        reply = curl(client_elsewhere(host), f"{URL}/", key=None, ca=OUTSIDE_CA, extra=asked)
+        assert reply.status == 200, reply
+    time.sleep(1)  # the web UI's log reaches the journal
+    log = host.check_output(
+        "journalctl --unit vllm-webui --since @%s --no-pager --output cat", since
+    )
+    assert "upgrade" not in log.lower(), log
 
 
 def test_logs_never_hold_the_api_key(host) -> None:
