@@ -13,8 +13,22 @@ inter-process messages, detokenizing, HTTP). Prints the table and the ten innerm
 with the most samples, and appends one JSON line (with the CPU's model and flags) to
 results/decode_profile.jsonl. Run it on a quiet machine; py-spy comes from requirements-bench.txt.
 
+`--sched` reads the kernel's scheduler statistics instead (/proc/<pid>/task/<tid>/schedstat, no
+sampler attached): for every thread of every process of the server, the share of the window it ran
+on a CPU and the share it was ready to run but waited for one (on the run queue), and on which CPUs
+the kernel saw it. Threads py-spy cannot see are in it too: the worker's other OpenMP threads, which
+on a host with few cores share theirs with the engine-core and API processes. `--uni` serves with
+the role's `vllm_service_disable_multiprocessing: true` (no worker process: the model runs in the
+engine core).
+
+`--bandwidth N` sends N requests one after the other instead, each between two readings of the
+host's memory bandwidth (membw.py --probe: the all-core read, best of 5), taken with the server
+idle (IDLE_S after a request: vLLM's message queues busy-poll for a second after each message):
+whether a request's decode rate follows the bandwidth the VM has at that moment.
+
     python benchmarks/decode_profile.py [--seconds 40] [--tokens 256] [--process engine-core]
                                         [--precision PRECISION]  (any of serving.py's)
+                                        [--sched | --bandwidth N] [--uni]
 """
 
 from __future__ import annotations
@@ -128,6 +142,105 @@ def load(
         stop.set()
 
 
+def thread_times(root: psutil.Process) -> dict[int, dict]:
+    """Every thread of `root` and its child processes, by thread id: its process's title (as
+    TITLES names it, else "api-server" for the root, else its name), its own name, nanoseconds on a
+    CPU and waiting on a run queue so far, and the CPU it last ran on."""
+    out = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            cmdline = " ".join(process.cmdline())
+            name = next((k for k, v in TITLES.items() if v in cmdline), None)
+            name = name or ("api-server" if process.pid == root.pid else process.name())
+            for task in Path(f"/proc/{process.pid}/task").iterdir():
+                ran, waited, _ = (task / "schedstat").read_text().split()
+                comm = (task / "comm").read_text().strip()
+                cpu = int((task / "stat").read_text().rpartition(")")[2].split()[36])
+                out[int(task.name)] = {
+                    "process": name,
+                    "pid": process.pid,
+                    "thread": comm,
+                    "ran_ns": int(ran),
+                    "waited_ns": int(waited),
+                    "cpu": cpu,
+                }
+        except (psutil.Error, FileNotFoundError, ProcessLookupError):
+            continue  # a process or thread that ended meanwhile
+    return out
+
+
+def sched_window(root: psutil.Process, seconds: int) -> list[dict]:
+    """The server's threads over `seconds`: for each that ran at least 1 % of the window, the share
+    of the window it ran and the share it waited for a CPU, and the CPUs it was seen on (read
+    every 0.1 s); busiest first."""
+    before, start = thread_times(root), time.monotonic()
+    seen: dict[int, set[int]] = collections.defaultdict(set)
+    while time.monotonic() - start < seconds:
+        for tid, now in thread_times(root).items():
+            seen[tid].add(now["cpu"])
+        time.sleep(0.1)
+    after, window = thread_times(root), (time.monotonic() - start) * 1e9
+    rows = []
+    for tid, end in after.items():
+        begin = before.get(tid, {"ran_ns": 0, "waited_ns": 0})
+        ran = (end["ran_ns"] - begin["ran_ns"]) / window
+        if ran >= 0.01:
+            waited = (end["waited_ns"] - begin["waited_ns"]) / window
+            rows.append(
+                {
+                    "process": end["process"],
+                    "thread": end["thread"],
+                    "tid": tid,
+                    "ran": round(ran, 4),
+                    "waited_for_cpu": round(waited, 4),
+                    "cpus_seen": sorted(seen[tid]),
+                }
+            )
+    return sorted(rows, key=lambda row: -row["ran"])
+
+
+IDLE_S = 1.5  # seconds after a request before the bandwidth is read
+
+
+def bandwidth_series(url: str, python: Path, first_special: int, tokens: int, n: int) -> list:
+    """n requests of one stream, each as [read GB/s before, its decode rate, read GB/s after];
+    the reading after one request is the reading before the next."""
+    probe = subprocess.Popen(
+        [str(python), str(Path(__file__).with_name("membw.py")), "--probe"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert probe.stdin is not None and probe.stdout is not None
+
+    def read_gb_s() -> float:
+        time.sleep(IDLE_S)
+        probe.stdin.write("\n")
+        probe.stdin.flush()
+        return float(probe.stdout.readline())
+
+    async def run() -> list:
+        api, prompts = client.Client(url, "vllm"), client.Prompts(first_special, seed=0)
+        rows = []
+        try:
+            await api.stream(prompts.make(8), 16)  # warm-up
+            before = read_gb_s()
+            for _ in range(n):
+                rate = (await api.stream(prompts.make(8), tokens, body=api.no_reuse())).decode_rate
+                after = read_gb_s()
+                rows.append([before, round(rate, 2), after])
+                before = after
+        finally:
+            await api.close()
+        return rows
+
+    try:
+        return asyncio.run(run())
+    finally:
+        probe.stdin.close()
+        probe.wait(timeout=60)
+
+
 # --process: vLLM's process titles (the API server is the process the benchmark started)
 TITLES = {"worker": "Worker", "engine-core": "EngineCore"}
 
@@ -174,10 +287,29 @@ def main() -> None:
         help="the model as serving.py --precision gives vLLM (e.g. int8: W8A8, int4: GPTQ 4-bit,"
         " int4-head: GPTQ 4-bit with lm_head too)",
     )
+    ap.add_argument(
+        "--sched",
+        action="store_true",
+        help="the kernel's run and run-queue times of every thread of the server, not py-spy",
+    )
+    ap.add_argument(
+        "--bandwidth",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N requests, each between two readings of the memory bandwidth, not py-spy",
+    )
+    ap.add_argument(
+        "--uni",
+        action="store_true",
+        help="serve with vllm_service_disable_multiprocessing: true (no worker process)",
+    )
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if py_spy is None:
+    if args.sched and args.bandwidth:
+        ap.error("--sched or --bandwidth, not both")
+    if py_spy is None and not (args.sched or args.bandwidth):
         sys.exit("py-spy is missing: run it with the tool environment (make bench-venv)")
     procs.raise_on_signals()
     model = artifacts.ensure_model("qwen2.5-1.5b-instruct", PRECISIONS[args.precision][0])
@@ -188,7 +320,8 @@ def main() -> None:
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     state = BENCH_CACHE / "state" / f"profile-{session}"
-    config = configs.tuned(vllm_python, model, args.port, state, facts)
+    overrides = {"vllm_service_disable_multiprocessing": True} if args.uni else None
+    config = configs.tuned(vllm_python, model, args.port, state, facts, overrides)
     raw = BENCH_CACHE / "logs" / f"profile-{session}.txt"
     try:
         with procs.Server(config, BENCH_CACHE / "logs" / f"profile-{session}.log") as server:
@@ -196,30 +329,41 @@ def main() -> None:
             log(f"tuned: started {server.wait_healthy(3600):.0f} s; decoding one stream ...")
             stop, rates, failed = threading.Event(), [], []
             first = first_added_token(model, vocab_size)
-            loader = threading.Thread(
-                target=load, args=(server.url, first, args.tokens, stop, rates, failed)
-            )
-            loader.start()
-            try:
-                time.sleep(5)  # past the first request's prefill
-                target = pick(server.proc.pid, args.process)
-                log(f"sampling pid {target.pid} ({target.name()}) for {args.seconds} s ...")
-                subprocess.run(
-                    [py_spy, "record", "--pid", str(target.pid), "--native", "--threads",
-                     "--rate", str(args.rate), "--duration", str(args.seconds),
-                     "--format", "raw", "--output", str(raw)],
-                    check=True,
-                )  # fmt: skip
-            finally:
-                stop.set()
-                loader.join()
+            if args.bandwidth:
+                series = bandwidth_series(
+                    server.url, vllm_python, first, args.tokens, args.bandwidth
+                )
+                rates = [rate for _, rate, _ in series]
+            else:
+                loader = threading.Thread(
+                    target=load, args=(server.url, first, args.tokens, stop, rates, failed)
+                )
+                loader.start()
+                try:
+                    time.sleep(5)  # past the first request's prefill
+                    if args.sched:
+                        log(f"reading the threads' scheduler times for {args.seconds} s ...")
+                        idle = psutil.cpu_times().idle  # of every CPU
+                        threads = sched_window(psutil.Process(server.proc.pid), args.seconds)
+                        idle = psutil.cpu_times().idle - idle
+                    else:
+                        target = pick(server.proc.pid, args.process)
+                        log(f"sampling pid {target.pid} ({target.name()}) for {args.seconds} s ...")
+                        subprocess.run(
+                            [py_spy, "record", "--pid", str(target.pid), "--native", "--threads",
+                             "--rate", str(args.rate), "--duration", str(args.seconds),
+                             "--format", "raw", "--output", str(raw)],
+                            check=True,
+                        )  # fmt: skip
+                finally:
+                    stop.set()
+                    loader.join()
             if failed:
-                raise RuntimeError(f"the stream failed while py-spy sampled: {failed[0]!r}")
+                raise RuntimeError(f"the stream failed while it was measured: {failed[0]!r}")
             if not rates:
-                sys.exit("no request finished while py-spy sampled: the profile shows no decode")
+                sys.exit("no request finished while it was measured: it shows no decode")
     finally:
         shutil.rmtree(state, ignore_errors=True)
-    shares, total, nthreads, top, only_waited = shares_of(raw)
     record = {
         "benchmark": "decode_profile",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -227,20 +371,58 @@ def main() -> None:
         "host": host_record(facts),
         "settings": config.settings,
         "vllm_extra": list(zendnn),  # zentorch's pins where vLLM takes its ZenDNN path
-        "process": args.process,
+        "uni": args.uni,
         "precision": args.precision,
         "tokens_per_request": args.tokens,
-        "decode_tok_s_under_py_spy": [round(r, 2) for r in rates],
-        "samples": total,
-        "threads": nthreads,
-        "every_thread_only_waited": only_waited,
-        "shares": shares,
-        "top_frames": top,
-        "raw_stacks": str(raw),
     }
+    if args.bandwidth:
+        record |= {
+            "mode": "bandwidth",
+            "idle_s_before_reading": IDLE_S,
+            "requests": [
+                {"read_gb_s_before": b, "decode_tok_s": r, "read_gb_s_after": a}
+                for b, r, a in series
+            ],
+        }
+    elif args.sched:
+        record |= {
+            "mode": "sched",
+            "seconds": args.seconds,
+            "decode_tok_s": [round(r, 2) for r in rates],
+            "cpus_idle_seconds": round(idle, 2),
+            "threads_sched": threads,
+        }
+    else:
+        shares, total, nthreads, top, only_waited = shares_of(raw)
+        record |= {
+            "process": args.process,
+            "decode_tok_s_under_py_spy": [round(r, 2) for r in rates],
+            "samples": total,
+            "threads": nthreads,
+            "every_thread_only_waited": only_waited,
+            "shares": shares,
+            "top_frames": top,
+            "raw_stacks": str(raw),
+        }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     with (args.results_dir / "decode_profile.jsonl").open("a") as out:
         out.write(json.dumps(record) + "\n")
+    if args.bandwidth:
+        print("read GB/s before, decode tok/s, read GB/s after (one stream, request by request):")
+        for before, rate, after in series:
+            print(f"  {before:7.2f}  {rate:7.2f}  {after:7.2f}")
+        return
+    if args.sched:
+        print(f"one stream decoding at {record['decode_tok_s']} tok/s; over {args.seconds} s the")
+        print(f"host's {psutil.cpu_count()} CPUs were idle {idle:.1f} s in all; the server's")
+        print("threads:")
+        print("  process      thread            ran %  waited for a CPU %  CPUs seen")
+        for row in threads:
+            print(
+                f"  {row['process']:12s} {row['thread']:16s} {100 * row['ran']:6.1f}"
+                f"  {100 * row['waited_for_cpu']:18.1f}  {row['cpus_seen']}"
+            )
+        return
     print(f"{total} samples of {nthreads} thread(s) of vLLM's {args.process}, one stream decoding:")
     for name, share in shares.items():
         print(f"  {name:24s} {100 * share:5.1f} %")

@@ -11,6 +11,12 @@ Plus the float32 and bfloat16 throughput of one Qwen2.5-1.5B MLP projection for 
 (torch 2.13.0+cpu). Prints one JSON object.
 
     python membw.py [--gib 1.0] [--runs 15]
+
+`--probe` measures only the all-core `read`, best of 5, once for each line on its standard input,
+printing each rate (GB/s) on a line of its own: decode_profile.py --bandwidth asks it between the
+requests of one stream.
+
+    python membw.py --probe [--gib 1.0]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -42,11 +49,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0, help="size of each tensor in GiB")
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--probe", action="store_true", help="read rates on request (stdin lines)")
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     n = int(args.gib * 1024**3) // 4
     nbytes = n * 4
+    if args.probe:
+        tensor = torch.ones(n, dtype=torch.float32)
+        for _ in sys.stdin:
+            print(round(nbytes / min(timed(lambda: tensor.sum(), 5, 1)) / 1e9, 2), flush=True)
+        return
 
     def gbps(times: list[float], moved: int) -> dict[str, float]:
         rates = [moved / t / 1e9 for t in times]
