@@ -204,6 +204,52 @@ def test_health_answers_without_a_key(host) -> None:
     assert curl(host, f"{URL}/health", key=None).status == 200
 
 
+HEALTH_PER_SECOND = 10  # vllm_gateway_health_checks_per_second (the role's default)
+ACCESS_LOG = "/var/log/nginx/vllm-gateway.access.log"
+
+# n health checks one after the other on one TLS connection; prints their [status, Retry-After,
+# body] and the seconds they took together.
+HEALTH_CHECKS = (
+    "import json, ssl, sys, time, http.client\n"
+    "conn = http.client.HTTPSConnection(sys.argv[2], context=ssl.create_default_context("
+    "cafile=sys.argv[1]), timeout=30)\n"
+    "results, start = [], time.monotonic()\n"
+    "for _ in range(int(sys.argv[3])):\n"
+    "    conn.request('GET', '/health')\n"
+    "    resp = conn.getresponse()\n"
+    "    body = resp.read().decode()\n"
+    "    results.append([resp.status, resp.getheader('Retry-After'), body])\n"
+    "print(json.dumps([results, time.monotonic() - start]))\n"
+)
+
+
+def test_one_client_checks_health_at_its_pace_and_the_rest_never_reach_a_server(host) -> None:
+    # As fast as one connection allows: the first N+1 are answered (N a second and N more at once),
+    # then at most one per 1/N s of the time they took; the others get nginx's own 429, no server
+    # asked. A second later the client is answered again (for the tests after this one).
+    client = client_elsewhere(host)
+    out = client.check_output("python3 -c %s %s %s %s", HEALTH_CHECKS, OUTSIDE_CA, GATEWAY, "40")
+    results, seconds = json.loads(out)
+    answered = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    assert [r[0] for r in results[: HEALTH_PER_SECOND + 1]] == [200] * (HEALTH_PER_SECOND + 1)
+    assert len(answered) <= HEALTH_PER_SECOND + 2 + seconds * HEALTH_PER_SECOND, (seconds, results)
+    assert refused, (seconds, results)
+    for status, retry_after, body in refused:
+        assert (status, retry_after) == (429, "1")
+        assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+    # nginx's log of these 40: a server was asked for each answered one, none for the 429s
+    logged = host.check_output("tail -n %s %s", str(len(results)), ACCESS_LOG).splitlines()
+    asked = [line.split(" upstream=")[1].split()[0] != "-" for line in logged]
+    assert [status == 200 for status, _, _ in results] == asked, logged
+    wait_until(
+        lambda: curl(client, f"{URL}/health", key=None, ca=OUTSIDE_CA).status == 200,
+        10,
+        "/health from the client elsewhere after its burst",
+        interval=0.5,
+    )
+
+
 def test_right_key_lists_the_model(host) -> None:
     reply = curl(host, f"{URL}/v1/models")
     assert reply.status == 200
@@ -418,7 +464,6 @@ ONE_NETWORK = ("2001:db8:a:a::1", "2001:db8:a:a:ffff::2")
 TWO_NETWORKS = ("2001:db8:a:a::1", "2001:db8:a:b::1")
 ONE_IPV4 = ("203.0.113.10", "::ffff:203.0.113.10")
 MAPPED = ("::ffff:203.0.113.10", "::ffff:203.0.113.20")
-ACCESS_LOG = "/var/log/nginx/vllm-gateway.access.log"
 
 
 def _logged_clients(host, last: int) -> list[str]:
