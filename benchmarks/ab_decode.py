@@ -5,12 +5,14 @@ serving.py measures one configuration after the other; on a shared VM whose memo
 by 1.5x within minutes, two precisions a few minutes apart are not comparable for one stream. Here
 both servers run at once (the role's service, as serving.py's `tuned`, each with a small KV cache so
 that both fit; llama.cpp as serving.py's `llamacpp`, on the GGUF type serving.py matches to A's
-precision), and each pair of measurements asks A and B back to back, in turns (AB, BA, ...), so a
-drift falls on both. The result is each pair's B/A ratio and its median, with the CPU's model and
-instruction sets:
+precision, or to --llamacpp-as's), and each pair of measurements asks A and B back to back, in
+turns (AB, BA, ...), so a drift falls on both. The result is each pair's B/A ratio and its median,
+with the CPU's model and instruction sets:
 
     .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8 --b int8-head --pairs 15
     .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8-head --b llamacpp
+    .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8-head --b llamacpp \
+        --llamacpp-as int4
     .cache/bench/tools-venv/bin/python benchmarks/ab_decode.py --a int8 --b int8 \
         --b-set vllm_service_disable_multiprocessing=true
 
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="VAR=VALUE",
         help="override a roles/vllm_service default for B only (VALUE is YAML; repeatable)",
     )
+    ap.add_argument(
+        "--llamacpp-as",
+        choices=sorted(serving.PRECISIONS),
+        help="with --b llamacpp: the GGUF type matched to this precision, not --a's (e.g. --a"
+        " int8-head --llamacpp-as int4: vLLM at 8 bits against llama.cpp's Q4_K_M)",
+    )
     ap.add_argument("--model-preset", default="qwen2.5-1.5b-instruct")
     ap.add_argument("--pairs", type=int, default=16, help="even: each side goes first as often")
     ap.add_argument("--decode-tokens", type=int, default=64)
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--b-set {item}: VALUE is empty or the role's default")
     if args.a == args.b and not b_set:
         ap.error("--a and --b are the same precision and --b-set changes nothing")
+    if args.llamacpp_as and (args.b != "llamacpp" or args.llamacpp_as == args.a):
+        ap.error("--llamacpp-as: only with --b llamacpp, and another precision than --a")
     if b_set and args.b == "llamacpp":
         ap.error("--b-set applies to the tuned service, not to llama.cpp")
     if args.b == "llamacpp" and PROMPT_TOKENS + args.decode_tokens > LLAMACPP_CTX // 16:
@@ -139,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.b == "llamacpp":  # as serving.py: llama.cpp's own format, made from the bf16 model
         without_amx = "amx_int8" in facts["flags"]
         llama_dir = artifacts.ensure_llama_server(len(facts["cpus"]) or 1, without_amx)
-        quant, outtype = serving.PRECISIONS[args.a]
+        matched = args.llamacpp_as or args.a
+        quant, outtype = serving.PRECISIONS[matched]
+        # made from A's model, or from the preset's bf16 one for another precision's type
+        source = models["a"] if matched == args.a else artifacts.ensure_model(args.model_preset)
         gguf, gguf_type = artifacts.matched_gguf(
-            models["a"], args.model_preset, quant, llama_dir, python, outtype
+            source, args.model_preset, quant, llama_dir, python, outtype
         )
         made["b"] = configs.llamacpp(
             llama_dir / "bin" / "llama-server",

@@ -46,6 +46,8 @@ def _no_host(monkeypatch: pytest.MonkeyPatch) -> None:
             "applies to the tuned service",
         ),
         (["--b", "llamacpp", "--decode-tokens", "249"], "slots hold 256 tokens"),  # 8 + 249
+        (["--b", "int8-head", "--llamacpp-as", "int4"], "only with --b llamacpp"),
+        (["--a", "int4", "--b", "llamacpp", "--llamacpp-as", "int4"], "another precision"),
     ],
 )
 def test_refused_before_the_host_is_read(
@@ -73,6 +75,7 @@ def test_the_roles_default_value_is_refused(capsys: pytest.CaptureFixture[str]) 
         ["--a", "int8", "--b", "llamacpp", "--decode-tokens", "248"],
         ["--a", "int8", "--b", "int8", "--b-set", "vllm_service_disable_multiprocessing=true"],
         ["--a", "bf16", "--b", "int8-head"],
+        ["--a", "int8-head", "--b", "llamacpp", "--llamacpp-as", "int4"],
     ],
 )
 def test_a_pairing_that_measures_something_goes_on(argv: list[str]) -> None:
