@@ -221,7 +221,8 @@ def ensure_vllm_venv(extra: tuple[str, ...] = ()) -> Path:
         lock.parent.mkdir(parents=True, exist_ok=True)
         lock.write_text(text)
     python = locked_venv(name, base, lock, pip_args, check) / "bin" / "python"
-    # and, as the role does (roles/vllm_install/tasks/amx.yml), the line that asks for AMX
+    # and, as the role does (roles/vllm_install/tasks/site_packages.yml), the line that asks for AMX
+    # and the project's vLLM plugin (4-bit layers through torch's int4 GEMM without AMX)
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True,
@@ -229,13 +230,23 @@ def ensure_vllm_venv(extra: tuple[str, ...] = ()) -> Path:
         check=True,
     ).stdout.strip()
     (Path(purelib) / "vllm_fleet_amx.pth").write_text(amx_pth_line())
+    shutil.copytree(PLUGIN, purelib, dirs_exist_ok=True)
     return python
 
 
+PLUGIN = REPO / "roles" / "vllm_install" / "files" / "plugin"
+
+
 def amx_pth_line() -> str:
-    """The .pth line roles/vllm_install/tasks/amx.yml writes into an environment's purelib."""
-    tasks = yaml.safe_load((REPO / "roles" / "vllm_install" / "tasks" / "amx.yml").read_text())
-    [line] = [t["ansible.builtin.copy"]["content"] for t in tasks if "ansible.builtin.copy" in t]
+    """The .pth line roles/vllm_install/tasks/site_packages.yml writes into an environment."""
+    tasks = yaml.safe_load(
+        (REPO / "roles" / "vllm_install" / "tasks" / "site_packages.yml").read_text()
+    )
+    [line] = [
+        t["ansible.builtin.copy"]["content"]
+        for t in tasks
+        if "content" in t.get("ansible.builtin.copy", {})
+    ]
     return line
 
 

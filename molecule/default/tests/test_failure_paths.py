@@ -138,7 +138,8 @@ def test_server_is_restarted_when_its_engine_dies_and_its_first_request_may_be_a
     assert int(host.check_output("systemctl show --property NRestarts --value vllm")) > restarts
     # On an AMX CPU, vLLM 0.32's attention runs AMX instructions without asking Linux for them:
     # a fresh server whose first request was a 2-token prompt died of SIGILL (roles/vllm_install,
-    # tasks/amx.yml). The first request of this fresh start (/health is no request) is exactly that.
+    # tasks/site_packages.yml). The first request of this fresh start (/health is no request) is
+    # exactly that.
     pid = main_pid(host)
     request = {"model": "Qwen/Qwen2.5-1.5B-Instruct", "prompt": "hi", "max_tokens": 4}
     body = json.dumps(request | {"ignore_eos": True})
