@@ -5,11 +5,15 @@ checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
 - RedHatAI/Qwen2.5-1.5B-Instruct-quantized.w8a8: int8 weights and activations in compressed-tensors'
   W8A8 format, as llm-compressor writes them. vLLM 0.32 builds its int8 kernels for AVX2 too.
 - Qwen/Qwen2.5-1.5B-Instruct-GPTQ-Int4: 4-bit weights in GPTQ's format (float16 scales per 128
-  inputs), as Qwen publishes them. vLLM 0.32's 4-bit kernel is built for AVX-512 only.
+  inputs), as Qwen publishes them. vLLM 0.32's 4-bit kernel is built for AVX-512 only; on a CPU with
+  AVX-512 and no AMX this project's vLLM plugin (roles/vllm_install) runs its layers through torch's
+  int4 GEMM instead; a test checks with a server's own Python that vLLM picks that kernel exactly
+  there and that it computes what vLLM's own kernel does.
 - standin/Qwen2.5-1.5B-Instruct-W4A16: 4-bit weights in compressed-tensors' W4A16 format
   (pack-quantized, groups of 128), as llm-compressor writes them; named for no real repository (none
   in this format for this model was found). On an AMD CPU with AVX-512, vLLM's ZenDNN path runs it
-  through zentorch's DA8W4 kernel; elsewhere through the same 4-bit kernel as GPTQ.
+  through zentorch's DA8W4 kernel (the plugin leaves it there); elsewhere through the same 4-bit
+  kernel as GPTQ.
 - standin/Qwen2.5-1.5B-Instruct-W8A8-lm-head: W8A8 as above with lm_head in int8 too (untied, named
   in the quantization group's targets, as vLLM 0.32 needs to load it: with only "Linear" it fails);
   named for no real repository. On an AMD EPYC it decoded one stream faster than W8A8 with a bf16
@@ -37,6 +41,7 @@ import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -308,9 +313,22 @@ def _assert_deployed(key: str, done: Deployed) -> None:
     assert warned == (bool(checkpoint.slow) and not fast), done.out[-3000:]
     seen = done.seen
     assert "error" not in seen, (seen.get("error"), done.out[-3000:])
-    # vLLM loaded it as that kind of checkpoint (the unit's journal)
-    wna16 = "ZentorchWNA16LinearKernel" if zen else "CPUWNA16LinearKernel"
-    for line in checkpoint.engine + (checkpoint.zen_engine if zen else ()):
+    # vLLM loaded it as that kind of checkpoint (the unit's journal): its 4-bit layers first offered
+    # to this project's kernel where it is installed for (roles/vllm_install's plugin: AVX-512
+    # without AMX), which runs them unless they are compressed-tensors' on the ZenDNN path
+    engine = checkpoint.engine + (checkpoint.zen_engine if zen else ())
+    if int4pack_cpu(host):
+        wna16 = INT4PACK
+        if checkpoint.needs == "avx512f":  # a 4-bit checkpoint
+            left = checkpoint.fast_on_zen and zen
+            engine += (
+                "4-bit layers left to ZentorchWNA16LinearKernel"
+                if left
+                else "4-bit layers through torch's int4 GEMM",
+            )
+    else:
+        wna16 = "ZentorchWNA16LinearKernel" if zen else "CPUWNA16LinearKernel"
+    for line in engine:
         assert line.format(wna16=wna16) in seen["journal"], seen["journal"][-3000:]
     assert seen["model"]["id"] == checkpoint.repo
     assert seen["root"].startswith(f"/opt/vllm/models/{checkpoint.name}/")
@@ -323,6 +341,37 @@ def _assert_deployed(key: str, done: Deployed) -> None:
     answer = seen["answer"]
     assert answer["usage"]["completion_tokens"] > 0
     assert answer["choices"][0]["message"]["content"]
+
+
+INT4PACK = "TorchInt4PackLinearKernel"  # roles/vllm_install/files/plugin's kernel
+INT4_KERNEL_CHECK = Path(__file__).parent / "files" / "int4_kernel.py"
+
+
+def int4pack_cpu(host) -> bool:
+    """Where the plugin puts its kernel first: a CPU with AVX-512 and without AMX."""
+    flags = set(cpu_flags(host))
+    return "avx512f" in flags and "amx_tile" not in flags
+
+
+def test_4bit_layers_go_to_torchs_int4_gemm_where_installed_for_and_compute_the_same() -> None:
+    # the server's own Python (the installed plugin, vLLM's kernel selection and kernels): a GPTQ
+    # and an AWQ-style layer, each computed by the chosen kernel and by vLLM's own 4-bit kernel
+    host = host_named(SERVERS[0])
+    out = json.loads(host.check_output("%s -c %s", PYTHON, INT4_KERNEL_CHECK.read_text()))
+    assert "fleet_kernels" in out["plugins"], out
+    avx512 = "avx512f" in cpu_flags(host)
+    assert (out["capability"] == "AVX512") == avx512, out
+    for weights, seen in out["layers"].items():
+        assert (seen["chosen"] == INT4PACK) == int4pack_cpu(host), (weights, out)
+        if not avx512:  # vLLM 0.32's own 4-bit kernel is not built below AVX-512
+            continue
+        assert seen["chosen_torch_int4pack"] == int4pack_cpu(host), (weights, out)
+        assert not seen["vllm_torch_int4pack"], (weights, out)
+        # bf16's rounding (~0.4 % of the largest output): within it of the dequantized weights'
+        # product, and of vLLM's own kernel's distance from it (a zero point of the wrong sign is
+        # off by ~190 %)
+        assert seen["chosen_error"] < 0.01, (weights, out)
+        assert seen["chosen_error"] < 2 * seen["vllm_error"] + 0.002, (weights, out)
 
 
 @pytest.mark.parametrize("key", ROUNDS[0])
