@@ -21,6 +21,8 @@ from vllm.plugins import load_general_plugins
 from vllm.scalar_type import scalar_types
 
 K, N, GROUP = 256, 96, 64
+DIMS = {"input_dim": 0, "output_dim": 1}  # GPTQ's layout, as vLLM marks its parameters
+PARAMS = ("w_q_param_name", "w_s_param_name", "w_zp_param_name")  # as vLLM passes the names
 
 
 def layer(zero_points: bool, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -45,10 +47,6 @@ def layer(zero_points: bool, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
     m.bias = None
     z = zeros.float().repeat_interleave(GROUP, 0) if zero_points else 8.0
     return m, (q.float() - z) * scales.float().repeat_interleave(GROUP, 0)
-
-
-DIMS = {"input_dim": 0, "output_dim": 1}
-PARAMS = ("w_q_param_name", "w_s_param_name", "w_zp_param_name")
 
 
 def main() -> None:
