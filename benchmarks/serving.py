@@ -61,6 +61,7 @@ PRECISIONS = {
     "fp8": ("fp8-dynamic", "q8_0"),
     "int4": ("gptq-int4", "q4_k_m"),
     "int4-head": ("gptq-int4-head", "q4_k_m-head4"),
+    "awq": ("awq", "q4_k_m"),
     "w4a16": ("w4a16", "q4_k_m"),
 }
 # what each side serves at that precision (the summary's model line)
@@ -77,6 +78,8 @@ PRECISION_TEXT = {
     "int4-head": "vLLM serves this shape in GPTQ 4-bit with lm_head in 4 bits too (untied),"
     " llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M with its output"
     " projection in Q4_K too (llama-quantize --output-tensor-type q4_k)",
+    "awq": "vLLM serves this shape in AWQ 4-bit (AutoAWQ's GEMM format: group 128, zero points,"
+    " float16 scales), llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M",
     "w4a16": "vLLM serves this shape in compressed-tensors W4A16 (4-bit, group 128, bf16 scales and"
     " activations), llama.cpp the bf16 model converted to GGUF and quantized to Q4_K_M",
 }
@@ -103,8 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " quantized too (serving-int8-head.md); fp8: compressed-tensors FP8"
         " (per-channel scales) against Q8_0 (serving-fp8.md); int4: GPTQ 4-bit against GGUF"
         " Q4_K_M (serving-int4.md); int4-head: the same with lm_head quantized too"
-        " (serving-int4-head.md); w4a16: compressed-tensors W4A16 against Q4_K_M"
-        " (serving-w4a16.md)",
+        " (serving-int4-head.md); awq: AWQ 4-bit against Q4_K_M (serving-awq.md); w4a16:"
+        " compressed-tensors W4A16 against Q4_K_M (serving-w4a16.md)",
     )
     ap.add_argument("--runs", type=int, default=3, help="runs per configuration (medians)")
     ap.add_argument(

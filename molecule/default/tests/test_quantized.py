@@ -9,6 +9,9 @@ checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
   AVX-512 and no AMX this project's vLLM plugin (roles/vllm_install) runs its layers through torch's
   int4 GEMM instead; a test checks with a server's own Python that vLLM picks that kernel exactly
   there and that it computes what vLLM's own kernel does.
+- Qwen/Qwen2.5-1.5B-Instruct-AWQ: 4-bit weights in AutoAWQ's GEMM format (packed along the
+  outputs, zero points, float16 scales per 128 inputs), as Qwen publishes them. vLLM 0.32 converts
+  them to GPTQ's layout at load and runs them with the same kernels as GPTQ (the plugin's too).
 - standin/Qwen2.5-1.5B-Instruct-W4A16: 4-bit weights in compressed-tensors' W4A16 format
   (pack-quantized, groups of 128), as llm-compressor writes them; named for no real repository (none
   in this format for this model was found). On an AMD CPU with AVX-512, vLLM's ZenDNN path runs it
@@ -20,7 +23,7 @@ checkpoints (tests/fixtures/make_tiny_qwen2.py --quant):
   lm_head (benchmarks/README.md). The test reads its weights file: lm_head int8, untied.
 Each checkpoint goes to its own server, whose model and service stages run with that repository
 (the servers whose CPU can run theirs in one service stage, side by side); with more checkpoints
-than servers, a second round follows the first round's tests. Where the CPU has what
+than servers, later rounds follow the first round's tests. Where the CPU has what
 the checkpoint's kernel needs, the server must answer chat from the quantized weights; where it has
 not, the service stage must refuse it, saying why, before it changes anything. So that the refusal
 runs on every machine, it is also asked for on a server whose /proc/cpuinfo is replaced by one
@@ -111,6 +114,17 @@ CHECKPOINTS = {
         slow="GPTQ 4-bit weights are slow on this CPU",
         fast_with=frozenset({"amx_tile"}),
     ),
+    "awq": Checkpoint(
+        repo="Qwen/Qwen2.5-1.5B-Instruct-AWQ",
+        tuning="awq w4",
+        # loaded as awq, through the same mixed-precision kernel selection as GPTQ
+        engine=("quantization=awq", "Using {wna16} for AutoAWQMarlinLinearMethod"),
+        config=("version", "gemm"),
+        needs="avx512f",
+        refusal="awq 4-bit weights need AVX-512",
+        slow="AWQ 4-bit weights are slow on this CPU",
+        fast_with=frozenset({"amx_tile"}),
+    ),
     "w4a16": Checkpoint(
         repo="standin/Qwen2.5-1.5B-Instruct-W4A16",
         tuning="compressed-tensors w4",
@@ -136,8 +150,8 @@ CHECKPOINTS = {
         fast_with=INT8_DOT_PRODUCT,
     ),
 }
-# one server per checkpoint in a round; the second round deploys after the first one's tests
-ROUNDS = (("gptq-int4", "w8a8"), ("w4a16", "w8a8-head"))
+# one server per checkpoint in a round; later rounds deploy after the first one's tests
+ROUNDS = (("gptq-int4", "w8a8"), ("w4a16", "w8a8-head"), ("awq",))
 assert sorted(k for keys in ROUNDS for k in keys) == sorted(CHECKPOINTS)
 assert len(SERVERS) >= max(map(len, ROUNDS)), SERVERS
 PLACED = {key: name for keys in ROUNDS for key, name in zip(keys, SERVERS, strict=False)}

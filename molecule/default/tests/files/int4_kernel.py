@@ -18,16 +18,17 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
     pack_quantized_values_into_int32,
 )
 from vllm.plugins import load_general_plugins
-from vllm.scalar_type import scalar_types
+from vllm.scalar_type import ScalarType, scalar_types
 
 K, N, GROUP = 256, 96, 64
 DIMS = {"input_dim": 0, "output_dim": 1}  # GPTQ's layout, as vLLM marks its parameters
 PARAMS = ("w_q_param_name", "w_s_param_name", "w_zp_param_name")  # as vLLM passes the names
 
 
-def layer(zero_points: bool, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A GPTQ-layout layer (weights [K/8, N] packed along K) and its weights dequantized [K, N]."""
-    weight_type = scalar_types.uint4 if zero_points else scalar_types.uint4b8
+def layer(weight_type: ScalarType, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A GPTQ-layout layer (weights [K/8, N] packed along K) and its weights dequantized [K, N]:
+    uint4b8 (GPTQ's), or uint4 with zero points (AWQ's, as vLLM converts it)."""
+    zero_points = weight_type == scalar_types.uint4
     gen = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (K, N), dtype=torch.int32, generator=gen)
     scales = (torch.rand(K // GROUP, N, generator=gen) * 0.02 + 0.001).to(torch.bfloat16)
@@ -72,7 +73,7 @@ def main() -> None:
             continue
         x = torch.randn(5, K, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
         for name, kernel in (("chosen", chosen), ("vllm", CPUWNA16LinearKernel)):
-            m, weights = layer(zero_points, seed=1)
+            m, weights = layer(weight_type, seed=1)
             k = kernel(config, **dict(zip(PARAMS, names, strict=True)))  # as vLLM calls it
             k.process_weights_after_loading(m)
             y = k.apply_weights(m, x).float()
