@@ -201,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": serving.versions(python, Path(llama_server) if llama_server else None),
         "command": "python benchmarks/ab_decode.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "host": {
-            "cpu_model": facts["cpu_model"],
-            "cpus": len(facts["cpus"]),
-            "flags": sorted(f for f in facts["flags"] if f.startswith(("avx", "amx"))),
-        },
+        "host": {**configs.cpu_record(facts), "cpus": len(facts["cpus"])},
         "a": what["a"],
         "b": what["b"],
         "notes": {side: made[side].notes for side in ("a", "b")},

@@ -49,11 +49,7 @@ def main() -> None:
     """Time the layer in each dtype and print the results."""
     torch.manual_seed(0)
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    facts = configs.host_facts()  # the CPU's model and the instruction sets these kernels use
-    host = {
-        "cpu_model": facts["cpu_model"],
-        "flags": sorted(f for f in facts["flags"] if f.startswith(("avx", "amx"))),
-    }
+    host = configs.cpu_record(configs.host_facts())
     for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
         weight = (torch.randn(8960, 1536) * 0.05).to(dtype)
         for m in (1,) if dtype == torch.float8_e4m3fn else (1, 512):

@@ -52,10 +52,8 @@ def kernels(n: int, k: int, x: torch.Tensor) -> dict[str, Callable[[], object]]:
 def main() -> None:
     """Time each kernel on the layer and the head, and print the results."""
     torch.manual_seed(0)
-    facts = configs.host_facts()
     host = {
-        "cpu_model": facts["cpu_model"],
-        "flags": sorted(f for f in facts["flags"] if f.startswith(("avx", "amx"))),
+        **configs.cpu_record(configs.host_facts()),
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }

@@ -116,6 +116,14 @@ def has_zentorch(python: Path) -> bool:
     return out.stdout.strip() == "True"
 
 
+def cpu_record(facts: dict[str, Any]) -> dict[str, Any]:
+    """The CPU's model and the instruction sets its kernels use (AVX*, AMX*): for a result."""
+    return {
+        "cpu_model": facts["cpu_model"],
+        "flags": sorted(f for f in facts["flags"] if f.startswith(("avx", "amx"))),
+    }
+
+
 def host_facts() -> dict[str, Any]:
     """The facts tasks/tune.yml reads: CPU flags, lscpu layout, memtotal_mb, architecture."""
     flags: list[str] = []
