@@ -82,7 +82,7 @@ bench-serving: bench-venv
 
 # Where a single-stream decode step of the tuned service spends its time: py-spy on vLLM's worker
 # (issue #16, benchmarks/decode_profile.py). About 5 minutes; options: PROFILE_ARGS="--seconds 60
-# --process engine-core".
+# --process engine-core", or "--torch" (torch's profiler in the worker: by operator, undisturbed).
 PROFILE_ARGS ?=
 bench-profile: bench-venv
 	$(BENCH_VENV)/bin/python benchmarks/decode_profile.py $(PROFILE_ARGS)

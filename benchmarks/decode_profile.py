@@ -21,6 +21,14 @@ on a host with few cores share theirs with the engine-core and API processes. `-
 the role's `vllm_service_disable_multiprocessing: true` (no worker process: the model runs in the
 engine core).
 
+`--torch` runs torch's profiler in the worker instead (vLLM's own: `--profiler-config`, started
+and stopped over HTTP for --seconds; no sampler stops the process, so the decode keeps its pace):
+each token's time, from one decode step's start to the next one's, split into the buckets above
+by every operator's own time (its children's taken out), the time in the step outside any operator
+(Python), and the time between the steps outside any operator (the engine core's scheduling, the
+messages between the processes); means per token, and the operators with the most own time. The
+trace stays in .cache/bench/logs/.
+
 `--bandwidth N` sends N requests one after the other instead, each between two readings of the
 host's memory bandwidth (membw.py --probe: the all-core read, best of 5), taken with the server
 idle (IDLE_S after a request: vLLM's message queues busy-poll for a second after each message):
@@ -28,23 +36,28 @@ whether a request's decode rate follows the bandwidth the VM has at that moment.
 
     python benchmarks/decode_profile.py [--seconds 40] [--tokens 256] [--process engine-core]
                                         [--precision PRECISION]  (any of serving.py's)
-                                        [--sched | --bandwidth N] [--uni]
+                                        [--sched | --bandwidth N | --torch] [--uni]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import datetime as dt
+import gzip
+import itertools
 import json
 import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -55,11 +68,17 @@ from serving import PRECISIONS, first_added_token, git_state, host_record
 # bucket: words of a frame (function, file) that put a sample in it; checked from the innermost
 # frame outwards, the first bucket that matches wins
 BUCKETS = {
-    "attention": ("attention", "attn", "paged", "sdpa"),
-    "linear layers (GEMM)": ("linear", "gemm", "matmul", "onednn", "dnnl", "brg", "amx", "mkl"),
-    "sampling": ("sample", "sampler", "logits", "topk", "top_k"),
+    "attention": ("attention", "attn", "paged", "sdpa", "kv_cache"),
+    "linear layers (GEMM)": (
+        "linear", "gemm", "matmul", "onednn", "dnnl", "brg", "amx", "mkl", "int4pack", "int4mm",
+        "aten::mm", "addmm", "scaled_mm",
+    ),
+    "sampling": ("sample", "sampler", "logits", "topk", "top_k", "argmax"),
     "scheduling": ("scheduler", "schedule ("),
-    "rest of the model": ("norm", "rotary", "rope", "silu", "act_and_mul", "embed", "qwen2"),
+    # torch's profiler names Inductor's fused kernels (norms, rotary, activation) only as the graph
+    "rest of the model": (
+        "norm", "rotary", "rope", "silu", "act_and_mul", "embed", "qwen2", "compiledfxgraph",
+    ),
     # an OpenMP thread spinning at a barrier for the other, or a thread blocked for work
     "waiting (barriers, queues)": (
         "barrier", "sched_yield", "wait", "poll", "select", "recv", "sleep", "futex",
@@ -111,6 +130,82 @@ def shares_of(raw: Path) -> tuple[dict[str, float], int, int, list[tuple[str, fl
     top = [(frame, round(k / n, 4)) for frame, k in frames_total.most_common(10)]
     shares = {name: round(total[name] / n, 4) for name in [*BUCKETS, "other"]}
     return shares, n, len(working), top, only_waited
+
+
+# a step of vLLM's worker that only decodes (torch's profiler: its user annotation)
+DECODE_STEP = re.compile(r"execute_context_0\(0\)_generation_\d+\(\d+\)$")
+IN_STEP = "in a step, outside the operators (Python)"
+BETWEEN = "between steps, outside the operators (engine core, messages)"
+
+
+def step_split(events: list[dict]) -> dict:
+    """A torch profiler trace of vLLM's worker: for every decode step followed by another decode
+    step (one token of the same requests), its time by bucket (each operator's own time, its
+    children's taken out, up to the next step: vLLM samples after the step), and the rest of the
+    step (IN_STEP) and of the time to the next one (BETWEEN) outside any operator; means per token
+    in ms (they add up to the token's time), the median token, and the ten operators with the most
+    own time per token."""
+    steps = sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"),
+        key=lambda e: e["ts"],
+    )
+    decode = [s for s in steps if DECODE_STEP.match(s["name"])]
+    if not decode:
+        sys.exit("the trace holds no decode step: nothing decoded while it was recorded")
+    thread = decode[0]["tid"]
+    ops = sorted(
+        (e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"
+         and e.get("tid") == thread),
+        key=lambda e: (e["ts"], -e["dur"]),
+    )  # fmt: skip
+    own: list[list] = []  # [start, own time, name]
+    enclosing: list[tuple[float, list]] = []  # (end, row) of the operators the next one is in
+    for e in ops:
+        while enclosing and enclosing[-1][0] <= e["ts"]:
+            enclosing.pop()
+        row = [e["ts"], e["dur"], e["name"]]
+        if enclosing:
+            enclosing[-1][1][1] -= e["dur"]  # the parent's own time
+        enclosing.append((e["ts"] + e["dur"], row))
+        own.append(row)
+    starts = [row[0] for row in own]
+    parts: collections.Counter[str] = collections.Counter()
+    by_op: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    tokens = []
+    for step, after in itertools.pairwise(steps):
+        if not (DECODE_STEP.match(step["name"]) and DECODE_STEP.match(after["name"])):
+            continue
+        end = step["ts"] + step["dur"]
+        counted = {IN_STEP: 0.0, BETWEEN: 0.0}
+        for start, time_own, name in own[bisect.bisect_left(starts, step["ts"]) :]:
+            if start >= after["ts"]:
+                break
+            parts[bucket([name])] += time_own
+            by_op[name] += time_own
+            calls[name] += 1
+            counted[IN_STEP if start < end else BETWEEN] += time_own
+        parts[IN_STEP] += step["dur"] - counted[IN_STEP]
+        parts[BETWEEN] += after["ts"] - end - counted[BETWEEN]
+        tokens.append(after["ts"] - step["ts"])
+    if not tokens:
+        sys.exit("the trace holds no two decode steps in a row")
+    n = len(tokens)
+    return {
+        "tokens": n,
+        "token_ms_median": round(statistics.median(tokens) / 1e3, 3),
+        "token_ms_mean": round(sum(tokens) / n / 1e3, 3),
+        "split_ms": {k: round(v / n / 1e3, 3) for k, v in parts.most_common()},
+        "top_ops": [
+            [name, round(v / n / 1e3, 3), round(calls[name] / n, 1)]
+            for name, v in by_op.most_common(10)
+        ],
+    }
+
+
+def post(url: str) -> None:
+    """An empty POST (vLLM's /start_profile, /stop_profile); stopping writes the trace first."""
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=600).read()
 
 
 def load(
@@ -300,6 +395,11 @@ def main() -> None:
         help="N requests, each between two readings of the memory bandwidth, not py-spy",
     )
     ap.add_argument(
+        "--torch",
+        action="store_true",
+        help="torch's profiler in vLLM's worker (its --profiler-config), not py-spy",
+    )
+    ap.add_argument(
         "--uni",
         action="store_true",
         help="serve with vllm_service_disable_multiprocessing: true (no worker process)",
@@ -307,9 +407,9 @@ def main() -> None:
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
-    if args.sched and args.bandwidth:
-        ap.error("--sched or --bandwidth, not both")
-    if py_spy is None and not (args.sched or args.bandwidth):
+    if args.sched + bool(args.bandwidth) + args.torch > 1:
+        ap.error("one of --sched, --bandwidth and --torch")
+    if py_spy is None and not (args.sched or args.bandwidth or args.torch):
         sys.exit("py-spy is missing: run it with the tool environment (make bench-venv)")
     procs.raise_on_signals()
     model = artifacts.ensure_model("qwen2.5-1.5b-instruct", PRECISIONS[args.precision][0])
@@ -320,9 +420,14 @@ def main() -> None:
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     state = BENCH_CACHE / "state" / f"profile-{session}"
-    overrides = {"vllm_service_disable_multiprocessing": True} if args.uni else None
-    config = configs.tuned(vllm_python, model, args.port, state, facts, overrides)
+    overrides: dict = {"vllm_service_disable_multiprocessing": True} if args.uni else {}
     raw = BENCH_CACHE / "logs" / f"profile-{session}.txt"
+    trace_dir = BENCH_CACHE / "logs" / f"profile-{session}-trace"
+    if args.torch:  # the endpoints only; nothing is recorded until /start_profile
+        profiler = {"profiler": "torch", "torch_profiler_dir": str(trace_dir),
+                    "torch_profiler_with_stack": False, "ignore_frontend": True}  # fmt: skip
+        overrides["vllm_service_extra_args"] = ["--profiler-config", json.dumps(profiler)]
+    config = configs.tuned(vllm_python, model, args.port, state, facts, overrides)
     try:
         with procs.Server(config, BENCH_CACHE / "logs" / f"profile-{session}.log") as server:
             assert server.proc is not None
@@ -346,6 +451,13 @@ def main() -> None:
                         idle = psutil.cpu_times().idle  # of every CPU
                         threads = sched_window(psutil.Process(server.proc.pid), args.seconds)
                         idle = psutil.cpu_times().idle - idle
+                    elif args.torch:
+                        log(f"torch's profiler in the worker for {args.seconds} s ...")
+                        post(f"{server.url}/start_profile")
+                        first_rate = len(rates)
+                        time.sleep(args.seconds)
+                        profiled = rates[first_rate:]  # the requests that ended meanwhile
+                        post(f"{server.url}/stop_profile")
                     else:
                         target = pick(server.proc.pid, args.process)
                         log(f"sampling pid {target.pid} ({target.name()}) for {args.seconds} s ...")
@@ -384,6 +496,20 @@ def main() -> None:
                 for b, r, a in series
             ],
         }
+    elif args.torch:
+        traces = sorted(trace_dir.glob("*.pt.trace.json.gz"))
+        if len(traces) != 1:
+            sys.exit(f"{trace_dir}: expected one trace of the worker, found {traces}")
+        with gzip.open(traces[0]) as trace:
+            split = step_split(json.load(trace)["traceEvents"])
+        record |= {
+            "mode": "torch",
+            "seconds": args.seconds,
+            "decode_tok_s_before": [round(r, 2) for r in rates[:first_rate]],
+            "decode_tok_s_profiled": [round(r, 2) for r in profiled],
+            **split,
+            "trace": str(traces[0]),
+        }
     elif args.sched:
         record |= {
             "mode": "sched",
@@ -411,6 +537,16 @@ def main() -> None:
         print("read GB/s before, decode tok/s, read GB/s after (one stream, request by request):")
         for before, rate, after in series:
             print(f"  {before:7.2f}  {rate:7.2f}  {after:7.2f}")
+        return
+    if args.torch:
+        print(f"one stream decoding at {record['decode_tok_s_before']} tok/s, then at")
+        print(f"{record['decode_tok_s_profiled']} tok/s under the profiler;")
+        print(f"{split['tokens']} tokens, {split['token_ms_mean']:.2f} ms each (mean), of which:")
+        for name, ms in split["split_ms"].items():
+            print(f"  {name:62s} {ms:7.2f} ms  {100 * ms / split['token_ms_mean']:5.1f} %")
+        print("operators with the most own time (ms per token, calls per token):")
+        for name, ms, n in split["top_ops"]:
+            print(f"  {ms:7.2f}  {n:6.1f}  {name[:90]}")
         return
     if args.sched:
         print(f"one stream decoding at {record['decode_tok_s']} tok/s; over {args.seconds} s the")
