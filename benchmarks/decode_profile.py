@@ -178,9 +178,8 @@ def step_split(events: list[dict]) -> dict:
             continue
         end = step["ts"] + step["dur"]
         counted = {IN_STEP: 0.0, BETWEEN: 0.0}
-        for start, time_own, name in own[bisect.bisect_left(starts, step["ts"]) :]:
-            if start >= after["ts"]:
-                break
+        first, last = (bisect.bisect_left(starts, t) for t in (step["ts"], after["ts"]))
+        for start, time_own, name in own[first:last]:
             parts[bucket([name])] += time_own
             by_op[name] += time_own
             calls[name] += 1
