@@ -132,8 +132,9 @@ def shares_of(raw: Path) -> tuple[dict[str, float], int, int, list[tuple[str, fl
     return shares, n, len(working), top, only_waited
 
 
-# a step of vLLM's worker that only decodes (torch's profiler: its user annotation)
-DECODE_STEP = re.compile(r"execute_context_0\(0\)_generation_\d+\(\d+\)$")
+# a step of vLLM's worker that only decodes (torch's profiler: its user annotation); a step with
+# no request at all is named generation_0(0)
+DECODE_STEP = re.compile(r"execute_context_0\(0\)_generation_[1-9]\d*\(\d+\)$")
 IN_STEP = "in a step, outside the operators (Python)"
 BETWEEN = "between steps, outside the operators (engine core, messages)"
 

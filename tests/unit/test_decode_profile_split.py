@@ -1,10 +1,10 @@
 """benchmarks/decode_profile.py --torch: how a decode step's time is split from torch's trace.
 
 A made-up trace of vLLM's worker in the shape torch's profiler writes it (user annotations for the
-engine's steps, `cpu_op` events nested in time): a prefill, then three decode steps. Every number
-below follows from the events by hand, so a split that counted a child twice, took a prefill or
-the last step (no next step to end its token) as a token, or lost the operators or the time between
-the steps fails.
+engine's steps, `cpu_op` events nested in time): a prefill, three decode steps and a step without a
+request. Every number below follows from the events by hand, so a split that counted a child twice,
+took a prefill, a step without a request or the last decode step (no next one to end its token) as
+a token, or lost the operators or the time between the steps fails.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def test_a_decode_token_is_split_by_own_time_and_adds_up() -> None:
         *decode_step(41_000),  # 2,000 us after the step: the engine core's turn
         op("aten::argmax", 51_500, 300),  # vLLM samples after the step
         *decode_step(53_000),
-        *decode_step(65_000),  # the last: no next step ends its token
+        *decode_step(65_000),  # the last: no next decode step ends its token
+        step("execute_context_0(0)_generation_0(0)", 76_000, 200),  # a step without a request
         op("aten::_weight_int4pack_mm_for_cpu", 66_000, 9_999, tid=8),  # another thread
     ]
     split = step_split(events)
