@@ -123,6 +123,52 @@ PROBE_FIREWALL = """
           state: "{{{{ probe_state }}}}"
 """
 
+# Firewalls the role must refuse before it changes anything: a table name nft or a shell would take
+# apart, and another firewall with the probe's table (say a vLLM service named vllm-monitoring
+# beside the node exporter's), which would replace the probe's rules or, removed, unload them.
+REFUSED_FIREWALLS = """
+- hosts: {host}
+  become: true
+  gather_facts: false
+  vars:
+    other:
+      table: fw_probe
+      port: 9918
+      sources: []
+      rules_path: /etc/fw-other.nft
+      unit: fw-other.service
+      purpose: another port
+      before: fw-other-service.service
+  tasks:
+    - block:
+        - ansible.builtin.include_role:
+            name: fleet_common
+            tasks_from: port_firewall.yml
+          vars:
+            fleet_common_firewall: "{{{{ other | combine({{'table': 'fw-other; true'}}) }}}}"
+      rescue:
+        - ansible.builtin.debug:
+            msg: refused the name
+    - block:
+        - ansible.builtin.include_role:
+            name: fleet_common
+            tasks_from: port_firewall.yml
+          vars:
+            fleet_common_firewall: "{{{{ other }}}}"
+      rescue:
+        - ansible.builtin.debug:
+            msg: refused present
+    - block:
+        - ansible.builtin.include_role:
+            name: fleet_common
+            tasks_from: port_firewall.yml
+          vars:
+            fleet_common_firewall: "{{{{ other | combine({{'state': 'absent'}}) }}}}"
+      rescue:
+        - ansible.builtin.debug:
+            msg: refused absent
+"""
+
 
 def test_the_port_firewall_fails_closed_and_is_removed_only_by_the_role() -> None:
     service = "/etc/systemd/system/fw-probe-service.service"  # the service behind the probe port
@@ -138,16 +184,39 @@ def test_the_port_firewall_fails_closed_and_is_removed_only_by_the_role() -> Non
         GATEWAY.run("systemctl reset-failed fw-probe-service")
         return started
 
+    other = ("/etc/fw-other.nft", "/etc/systemd/system/fw-other.service")
     unit = "[Service]\nExecStart=/bin/sleep infinity\n"
     GATEWAY.check_output("printf '%%s' %s > %s && systemctl daemon-reload", unit, service)
-    with tempfile.NamedTemporaryFile("w", suffix=".yml") as play:
-        play.write(PROBE_FIREWALL.format(host=RUNNER.get_hosts("gateway")[0]))
+    gateway = RUNNER.get_hosts("gateway")[0]
+    with (
+        tempfile.NamedTemporaryFile("w", suffix=".yml") as play,
+        tempfile.NamedTemporaryFile("w", suffix=".yml") as refused,
+    ):
+        play.write(PROBE_FIREWALL.format(host=gateway))
         play.flush()
+        refused.write(REFUSED_FIREWALLS.format(host=gateway))
+        refused.flush()
         try:
             rc, out = run_playbook(play.name, extra_vars={"probe_state": "present"})
             assert rc == 0, out[-3000:]
             assert "table inet fw_probe" in GATEWAY.check_output("nft list tables")
             assert starts()
+            # a bad name, and another firewall with this table (present, then absent): refused,
+            # and the probe's rules, unit and table are as they were
+            sha256 = "sha256sum" + " %s" * (len(files) + len(dropins))
+            sums = GATEWAY.check_output(sha256, *files, *dropins)
+            rules = GATEWAY.check_output("nft list table inet fw_probe")
+            rc, out = run_playbook(refused.name)
+            assert rc == 0, out[-3000:]
+            for said in ("refused the name", "refused present", "refused absent"):
+                assert said in out, out[-3000:]
+            assert "needs a table name of letters, digits and _" in out
+            assert "would replace another firewall of this host" in out
+            assert "rescued=3" in out, out[-3000:]
+            assert GATEWAY.check_output(sha256, *files, *dropins) == sums
+            assert GATEWAY.check_output("nft list table inet fw_probe") == rules
+            for path in other:
+                assert not GATEWAY.file(path).exists, path
             # the table unloaded (its unit failed at boot, say): the service does not start
             GATEWAY.check_output("nft delete table inet fw_probe")
             assert not starts()
@@ -163,11 +232,15 @@ def test_the_port_firewall_fails_closed_and_is_removed_only_by_the_role() -> Non
             assert "table inet fw_probe" not in GATEWAY.check_output("nft list tables")
             for path in (*files, *dropins):
                 assert not GATEWAY.file(path).exists, path
+            # the service's drop-in folder held the guard alone; nftables.service's has the others'
+            assert not GATEWAY.file(service + ".d").exists
+            assert GATEWAY.file("/etc/systemd/system/nftables.service.d").listdir()
             assert starts()  # no longer held back by a table that is gone
         finally:
             GATEWAY.run("systemctl stop fw-probe-service fw-probe")
             GATEWAY.run("nft delete table inet fw_probe")
             GATEWAY.run("rm -rf %s %s %s %s %s %s.d", *files, *dropins, service, service)
+            GATEWAY.run("rm -f %s %s", *other)
             GATEWAY.run("systemctl daemon-reload")
             GATEWAY.run("systemctl reset-failed fw-probe-service fw-probe")
 
